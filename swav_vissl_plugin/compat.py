@@ -1,0 +1,5 @@
+"""placeholder"""
+
+
+def apply_all():
+    pass

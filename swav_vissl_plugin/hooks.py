@@ -1,1 +1,129 @@
-"""placeholder"""
+"""ClassyVision hooks that run the SwAV recipe inside VISSL's trainer.
+
+VISSL's train step calls hooks around forward, backward and update
+(``standard_train_step``); these hooks are where the plugin's components
+meet the trainer, so that no component reaches into another:
+
+* :class:`SwAVPrototypesHook`: L2-normalises the prototypes before every
+  forward pass (at start and after every update), hands the current
+  prototypes to the loss for the queue's scores, and drops the prototypes'
+  gradients during the first ``freeze_prototypes_niters`` iterations
+  (recipe "prototypes" row).
+* :class:`SwAVQueueHook`: tells the loss the epoch, so its queue is created
+  at ``epoch_queue_starts`` (recipe "Queue details").
+* :class:`WarmupCosineIterationsHook`: gives the warmup+cosine schedule the
+  number of iterations per epoch, so it equals the release's per-iteration
+  array exactly (recipe "lr schedule" row).
+
+:func:`swav_plugin_hook_generator` returns VISSL's default hooks plus these,
+and is what the plugin's launcher hands to VISSL.
+"""
+
+import logging
+from typing import List
+
+from classy_vision.hooks.classy_hook import ClassyHook
+
+PLUGIN_LOSSES = ("swav_plugin_loss",)
+
+
+def _head(task):
+    heads = task.base_model.heads
+    head = heads[0]
+    if not hasattr(head, "prototype_parameters"):
+        raise RuntimeError(
+            "swav_plugin_loss needs MODEL.HEAD.PARAMS to start with "
+            f"swav_plugin_head, got {type(head).__name__}"
+        )
+    return head
+
+
+def _loss(task):
+    loss = getattr(task, "base_loss", None) or task.loss
+    return getattr(loss, "module", loss)
+
+
+class _NoopHook(ClassyHook):
+    on_start = ClassyHook._noop
+    on_phase_start = ClassyHook._noop
+    on_forward = ClassyHook._noop
+    on_loss_and_meter = ClassyHook._noop
+    on_backward = ClassyHook._noop
+    on_update = ClassyHook._noop
+    on_step = ClassyHook._noop
+    on_phase_end = ClassyHook._noop
+    on_end = ClassyHook._noop
+
+
+class SwAVPrototypesHook(_NoopHook):
+    """Normalise, hand over and (early on) freeze the prototypes."""
+
+    def __init__(self, freeze_prototypes_niters: int):
+        super().__init__()
+        self.freeze_prototypes_niters = int(freeze_prototypes_niters)
+
+    def on_start(self, task) -> None:
+        _head(task).normalize_prototypes()
+
+    def on_forward(self, task) -> None:
+        if task.train:
+            _loss(task).set_prototypes([w.detach() for w in _head(task).prototype_parameters()])
+
+    def on_backward(self, task) -> None:
+        # task.iteration counts completed updates: this is the release's
+        # 0-based `iteration` of the current step.
+        if task.iteration < self.freeze_prototypes_niters:
+            for p in _head(task).prototype_parameters():
+                p.grad = None
+
+    def on_update(self, task) -> None:
+        _head(task).normalize_prototypes()
+
+
+class SwAVQueueHook(_NoopHook):
+    """Start the loss's queue at ``epoch_queue_starts``."""
+
+    def on_phase_start(self, task) -> None:
+        if task.train:
+            _loss(task).on_epoch_start(task.train_phase_idx)
+
+
+class WarmupCosineIterationsHook(_NoopHook):
+    """Tell iteration-exact schedulers how many iterations an epoch has."""
+
+    def on_phase_start(self, task) -> None:
+        if not task.train:
+            return
+        n = task.num_batches_per_phase
+        seen = set()
+        schedulers = list(getattr(task, "optimizer_schedulers", {}).values())
+        for group in getattr(task.optimizer, "_param_group_schedulers", None) or []:
+            schedulers.extend(v for k, v in group.items() if k != "params")
+        for sched in schedulers:
+            if id(sched) in seen or not hasattr(sched, "set_iterations_per_epoch"):
+                continue
+            seen.add(id(sched))
+            sched.set_iterations_per_epoch(n)
+
+
+def plugin_hooks(cfg) -> List[ClassyHook]:
+    """The plugin's hooks for ``cfg`` (empty for losses it does not own)."""
+    hooks: List[ClassyHook] = [WarmupCosineIterationsHook()]
+    name = cfg.LOSS.name
+    if name == "swav_plugin_loss":
+        loss_cfg = cfg.LOSS[name]
+        hooks += [
+            SwAVPrototypesHook(loss_cfg.get("freeze_prototypes_niters", 0)),
+            SwAVQueueHook(),
+        ]
+    return hooks
+
+
+def swav_plugin_hook_generator(cfg) -> List[ClassyHook]:
+    """VISSL's ``default_hook_generator`` plus the plugin's hooks."""
+    # Imported here as VISSL's launcher does: submitit jobs must import it late.
+    from vissl.hooks import default_hook_generator
+
+    hooks = default_hook_generator(cfg) + plugin_hooks(cfg)
+    logging.info("swav_vissl_plugin hooks: %s", [type(h).__name__ for h in plugin_hooks(cfg)])
+    return hooks

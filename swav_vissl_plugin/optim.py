@@ -1,1 +1,688 @@
-"""placeholder"""
+"""SwAV's optimizer (SGD + LARC, no Apex) and learning-rate schedule for VISSL.
+
+Recipe (``/work/shared/recipes/model_zoo.md``, "Shared by all SwAV rows"):
+
+* ``optimizer`` row: "SGD momentum 0.9 wrapped by LARC: trust_coefficient
+  0.001, clip False, eps 1e-8";
+* ``wd`` row: "1e-6 (applied to every parameter, biases and BN included)";
+* ``lr schedule`` row: "per iteration: linear warmup from start_warmup to
+  base_lr over warmup_epochs (numpy linspace, endpoints included), then cosine
+  from base_lr to final_lr over the remaining epochs";
+* "base_lr 4.8 at 4096 [...] the 0.3-per-256 linear rule": :func:`scale_lr`.
+
+What this module adds to VISSL / ClassyVision
+---------------------------------------------
+``@register_optimizer("swav_plugin_larc")`` -> :class:`SwavPluginLARC`
+    VISSL's own ``OPTIMIZER.use_larc: true`` asserts NVIDIA Apex. Select this
+    optimizer with ``OPTIMIZER.name: swav_plugin_larc`` and keep
+    ``OPTIMIZER.use_larc: false`` (it *is* LARC already). It reads
+    ``OPTIMIZER.momentum``, ``OPTIMIZER.nesterov``, ``OPTIMIZER.weight_decay``
+    and ``OPTIMIZER.larc_config.{trust_coefficient, eps, clip}`` (plus the
+    optional ``OPTIMIZER.larc_config.foreach``, default true).
+
+``@register_param_scheduler("swav_plugin_warmup_cosine")`` -> :class:`SwavWarmupCosineParamScheduler`
+    ``OPTIMIZER.param_schedulers.lr: {name: swav_plugin_warmup_cosine,
+    update_interval: step, base_lr, final_lr, warmup_epochs, start_warmup}``
+    (``auto_lr_scaling`` is ignored); ``num_epochs`` is injected by
+    ClassyVision from ``OPTIMIZER.num_epochs``. Call
+    :meth:`SwavWarmupCosineParamScheduler.set_iterations_per_epoch` (or
+    :func:`set_schedulers_iterations_per_epoch`) at training start so that the
+    scheduler returns exactly the per-iteration array of :func:`warmup_cosine_lr`.
+
+Plain functions: :func:`warmup_cosine_lr`, :func:`scale_lr`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+from classy_vision.optim import ClassyOptimizer, register_optimizer
+from classy_vision.optim.param_scheduler import (
+    ClassyParamScheduler,
+    UpdateInterval,
+    register_param_scheduler,
+)
+
+__all__ = [
+    "LARC",
+    "SwavPluginLARC",
+    "SwavWarmupCosineParamScheduler",
+    "warmup_cosine_lr",
+    "scale_lr",
+    "set_schedulers_iterations_per_epoch",
+    "OPTIMIZER_NAME",
+    "SCHEDULER_NAME",
+]
+
+OPTIMIZER_NAME = "swav_plugin_larc"
+SCHEDULER_NAME = "swav_plugin_warmup_cosine"
+
+# Recipe "optimizer" row defaults.
+DEFAULT_TRUST_COEFFICIENT = 0.001
+DEFAULT_EPS = 1e-8
+DEFAULT_CLIP = False
+DEFAULT_MOMENTUM = 0.9
+
+# Upper bound (elements) of the temporary ``weight_decay * p`` buffers the
+# foreach LARC path allocates at once: keeps the extra memory <= 128 MiB (fp32)
+# even for the wide ResNets, without falling back to per-parameter kernels.
+_WD_CHUNK_NUMEL = 1 << 25
+
+
+# --------------------------------------------------------------------------- #
+# LARC
+# --------------------------------------------------------------------------- #
+def _larc_loop_(
+    param_groups, trust_coefficient: float, clip: bool, eps: float
+) -> None:
+    """Reference per-parameter LARC (the Apex ``LARC.step`` gradient rewrite).
+
+    For each parameter with a gradient, ``wd`` being its group's weight decay:
+    if ``||p|| != 0 and ||g|| != 0``::
+
+        adaptive_lr = trust * ||p|| / (||g|| + ||p|| * wd + eps)
+        if clip: adaptive_lr = min(adaptive_lr / lr, 1)
+        g += wd * p
+        g *= adaptive_lr
+
+    otherwise the gradient is left untouched (no weight decay either).
+    """
+    for group in param_groups:
+        wd = group.get("weight_decay", 0)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            param_norm = torch.norm(p.data)
+            grad_norm = torch.norm(p.grad.data)
+            if param_norm != 0 and grad_norm != 0:
+                adaptive_lr = (
+                    trust_coefficient
+                    * param_norm
+                    / (grad_norm + param_norm * wd + eps)
+                )
+                if clip:
+                    adaptive_lr = min(adaptive_lr / group["lr"], 1)
+                p.grad.data += wd * p.data
+                p.grad.data *= adaptive_lr
+
+
+def _chunks_by_numel(tensors: List[torch.Tensor], budget: int):
+    """Yields (start, stop) index ranges whose total numel stays <= budget
+    (a single tensor larger than the budget gets its own range)."""
+    start, acc = 0, 0
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if i > start and acc + n > budget:
+            yield start, i
+            start, acc = i, 0
+        acc += n
+    if start < len(tensors):
+        yield start, len(tensors)
+
+
+def _larc_foreach_(
+    param_groups, trust_coefficient: float, clip: bool, eps: float
+) -> None:
+    """Same result as :func:`_larc_loop_`, with multi-tensor kernels.
+
+    Phase 1 computes all parameter and gradient norms with
+    ``torch._foreach_norm`` and the adaptive factors with the same elementwise
+    operations (same order, same dtype) as the per-parameter version, then
+    copies them to the host in a single transfer per device (instead of the
+    two device->host syncs per parameter the per-parameter ``!= 0`` tests
+    cost). Phase 2 applies ``g += wd * p; g *= adaptive_lr`` with
+    ``_foreach_mul`` / ``_foreach_add_`` / ``_foreach_mul_`` on the parameters
+    whose two norms are non-zero. The weight-decay product is materialised
+    (in bounded chunks) and then added, exactly like ``g += wd * p``, so no
+    fused multiply-add changes the rounding.
+    """
+    buckets = []  # (wd, params, grads, device, offset, count)
+    per_device: "OrderedDict[torch.device, List[torch.Tensor]]" = OrderedDict()
+    per_device_len: Dict[torch.device, int] = {}
+    for group in param_groups:
+        wd = group.get("weight_decay", 0)
+        lr = group.get("lr", None)
+        by_key: "OrderedDict[Any, tuple]" = OrderedDict()
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"{OPTIMIZER_NAME} (LARC) does not support sparse gradients"
+                )
+            key = (p.device, p.dtype, g.dtype)
+            if key not in by_key:
+                by_key[key] = ([], [])
+            by_key[key][0].append(p)
+            by_key[key][1].append(g)
+        for (device, _, _), (params, grads) in by_key.items():
+            pn = torch.stack(torch._foreach_norm([p.detach() for p in params]))
+            gn = torch.stack(torch._foreach_norm(grads))
+            adaptive = trust_coefficient * pn / (gn + pn * wd + eps)
+            if clip:
+                adaptive = torch.clamp(adaptive / lr, max=1)
+            info = torch.stack([pn.double(), gn.double(), adaptive.double()])
+            per_device.setdefault(device, []).append(info)
+            offset = per_device_len.get(device, 0)
+            per_device_len[device] = offset + len(params)
+            buckets.append((wd, params, grads, device, offset, len(params)))
+    if not buckets:
+        return
+    host = {
+        dev: torch.cat(infos, dim=1).cpu().tolist()
+        for dev, infos in per_device.items()
+    }
+    for wd, params, grads, device, offset, count in buckets:
+        pn_l, gn_l, ad_l = (row[offset : offset + count] for row in host[device])
+        keep = [i for i in range(count) if pn_l[i] != 0 and gn_l[i] != 0]
+        if not keep:
+            continue
+        ps = [params[i].detach() for i in keep]
+        gs = [grads[i] for i in keep]
+        scales = [ad_l[i] for i in keep]
+        if wd != 0:
+            for a, b in _chunks_by_numel(ps, _WD_CHUNK_NUMEL):
+                decay = torch._foreach_mul(ps[a:b], wd)
+                torch._foreach_add_(gs[a:b], decay)
+                del decay
+        torch._foreach_mul_(gs, scales)
+
+
+class LARC:
+    """Layer-wise Adaptive Rate Control around a torch optimizer (no Apex).
+
+    Semantics of Apex's ``apex.parallel.LARC`` (the SwAV release's optimizer,
+    recipe "optimizer" row: SGD momentum 0.9 wrapped by LARC, trust_coefficient
+    0.001, clip False, eps 1e-8). On :meth:`step`, for every parameter ``p``
+    whose gradient ``g`` is not ``None`` (``wd`` = its group's
+    ``weight_decay``, ``lr`` = its group's ``lr``), when ``||p|| != 0`` and
+    ``||g|| != 0``::
+
+        adaptive_lr = trust_coefficient * ||p|| / (||g|| + wd * ||p|| + eps)
+        if clip: adaptive_lr = min(adaptive_lr / lr, 1)
+        g <- (g + wd * p) * adaptive_lr          # in place, on p.grad
+
+    otherwise ``g`` is left as it is. Then the wrapped optimizer steps with
+    every group's ``weight_decay`` temporarily set to 0 (weight decay was folded
+    into the gradient above); the values are restored afterwards, also if the
+    inner step raises.
+
+    Gradients must already be unscaled: with ``torch.amp.GradScaler``, call
+    ``scaler.step(...)`` (it unscales, skips on inf/NaN, then calls
+    :meth:`step`), which is how VISSL's train step uses it.
+
+    ``foreach=True`` (default) uses multi-tensor kernels (:func:`_larc_foreach_`),
+    ``foreach=False`` the literal per-parameter loop; both give the same result.
+
+    The object quacks like a ``torch.optim.Optimizer`` (``param_groups``,
+    ``state``, ``defaults``, ``step``, ``zero_grad``, ``state_dict``,
+    ``load_state_dict``, ``add_param_group``); its ``state_dict`` *is* the
+    inner optimizer's, so checkpoints are interchangeable with plain SGD's.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        trust_coefficient: float = DEFAULT_TRUST_COEFFICIENT,
+        clip: bool = DEFAULT_CLIP,
+        eps: float = DEFAULT_EPS,
+        foreach: bool = True,
+    ) -> None:
+        if not trust_coefficient > 0:
+            raise ValueError(f"LARC trust_coefficient must be > 0, got {trust_coefficient}")
+        if not eps >= 0:
+            raise ValueError(f"LARC eps must be >= 0, got {eps}")
+        self.optim = optimizer
+        self.trust_coefficient = float(trust_coefficient)
+        self.clip = bool(clip)
+        self.eps = float(eps)
+        self.foreach = bool(foreach)
+
+    # --- torch.optim.Optimizer-like surface -------------------------------- #
+    @property
+    def param_groups(self):
+        return self.optim.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optim.param_groups = value
+
+    @property
+    def state(self):
+        return self.optim.state
+
+    @property
+    def defaults(self):
+        return self.optim.defaults
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"LARC(trust_coefficient={self.trust_coefficient}, clip={self.clip}, "
+            f"eps={self.eps}, foreach={self.foreach}, optimizer={self.optim!r})"
+        )
+
+    def state_dict(self):
+        return self.optim.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optim.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group):
+        self.optim.add_param_group(param_group)
+
+    # --- the update ---------------------------------------------------------- #
+    def adjust_gradients_(self) -> None:
+        """Applies the LARC rewrite of the gradients in place (no parameter update)."""
+        with torch.no_grad():
+            fn = _larc_foreach_ if self.foreach else _larc_loop_
+            fn(self.optim.param_groups, self.trust_coefficient, self.clip, self.eps)
+
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.adjust_gradients_()
+        saved = []
+        for group in self.optim.param_groups:
+            saved.append(group.get("weight_decay", 0))
+            group["weight_decay"] = 0
+        try:
+            self.optim.step()
+        finally:
+            for group, wd in zip(self.optim.param_groups, saved):
+                group["weight_decay"] = wd
+        return loss
+
+
+def _cfg_get(config: Mapping, key: str, default):
+    try:
+        value = config.get(key, default)
+    except AttributeError:  # pragma: no cover - non-mapping config
+        value = default
+    return default if value is None else value
+
+
+def _as_float(value, key: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+
+
+def _as_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+@register_optimizer(OPTIMIZER_NAME)
+class SwavPluginLARC(ClassyOptimizer):
+    """ClassyVision optimizer ``swav_plugin_larc``: SGD wrapped by :class:`LARC`.
+
+    Recipe "optimizer" row: "SGD momentum 0.9 wrapped by LARC: trust_coefficient
+    0.001, clip False, eps 1e-8"; "wd" row: "1e-6 (applied to every parameter,
+    biases and BN included)" (set ``OPTIMIZER.regularize_bn: true`` and
+    ``OPTIMIZER.regularize_bias: true`` so VISSL's
+    ``get_optimizer_param_groups`` gives every group ``OPTIMIZER.weight_decay``).
+
+    Config (the whole ``OPTIMIZER`` node, as VISSL's ``build_optimizer`` passes it):
+    ``name: swav_plugin_larc``, ``use_larc: false`` (required: VISSL asserts Apex
+    when true), ``momentum`` (default 0.9), ``nesterov`` (false),
+    ``weight_decay`` (0.0), ``larc_config: {trust_coefficient: 0.001, eps: 1e-8,
+    clip: false, foreach: true}``; ``lr`` is optional (the ``lr`` param
+    scheduler sets it every step). Per-group ``lr`` / ``weight_decay`` come from
+    the param groups VISSL builds.
+
+    ``get_classy_state`` / ``set_classy_state`` are ClassyOptimizer's: they
+    save / load the inner ``torch.optim.SGD`` state dict (momentum buffers and
+    group hyper-parameters), the same format VISSL writes for ``sgd``.
+    """
+
+    def __init__(
+        self,
+        lr: float = 0.1,
+        momentum: float = DEFAULT_MOMENTUM,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        trust_coefficient: float = DEFAULT_TRUST_COEFFICIENT,
+        eps: float = DEFAULT_EPS,
+        clip: bool = DEFAULT_CLIP,
+        foreach: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"OPTIMIZER.momentum must be in [0, 1), got {momentum}")
+        if nesterov and momentum <= 0:
+            raise ValueError("OPTIMIZER.nesterov: true needs OPTIMIZER.momentum > 0")
+        if weight_decay < 0:
+            raise ValueError(f"OPTIMIZER.weight_decay must be >= 0, got {weight_decay}")
+        if lr < 0:
+            raise ValueError(f"OPTIMIZER.lr must be >= 0, got {lr}")
+        if not trust_coefficient > 0:
+            raise ValueError(
+                "OPTIMIZER.larc_config.trust_coefficient must be > 0, "
+                f"got {trust_coefficient}"
+            )
+        if eps < 0:
+            raise ValueError(f"OPTIMIZER.larc_config.eps must be >= 0, got {eps}")
+        self._lr = lr
+        self._momentum = momentum
+        self._weight_decay = weight_decay
+        self._nesterov = nesterov
+        self._trust_coefficient = trust_coefficient
+        self._eps = eps
+        self._clip = clip
+        self._foreach = foreach
+
+    def prepare(self, param_groups) -> None:
+        sgd = torch.optim.SGD(
+            param_groups,
+            lr=self._lr,
+            momentum=self._momentum,
+            dampening=0,
+            weight_decay=self._weight_decay,
+            nesterov=self._nesterov,
+        )
+        self.optimizer = LARC(
+            sgd,
+            trust_coefficient=self._trust_coefficient,
+            clip=self._clip,
+            eps=self._eps,
+            foreach=self._foreach,
+        )
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "SwavPluginLARC":
+        if _cfg_get(config, "use_larc", False):
+            raise ValueError(
+                f"OPTIMIZER.use_larc must be false with OPTIMIZER.name: {OPTIMIZER_NAME} "
+                "(this optimizer is LARC already; VISSL's use_larc needs NVIDIA Apex)"
+            )
+        larc = _cfg_get(config, "larc_config", {}) or {}
+        known = {"trust_coefficient", "eps", "clip", "foreach"}
+        unknown = sorted(set(larc.keys()) - known)
+        if unknown:
+            raise ValueError(
+                f"OPTIMIZER.larc_config has unknown key(s) {unknown}; known: {sorted(known)}"
+            )
+        return cls(
+            lr=_as_float(_cfg_get(config, "lr", 0.1), "OPTIMIZER.lr"),
+            momentum=_as_float(
+                _cfg_get(config, "momentum", DEFAULT_MOMENTUM), "OPTIMIZER.momentum"
+            ),
+            weight_decay=_as_float(
+                _cfg_get(config, "weight_decay", 0.0), "OPTIMIZER.weight_decay"
+            ),
+            nesterov=_as_bool(_cfg_get(config, "nesterov", False), "OPTIMIZER.nesterov"),
+            trust_coefficient=_as_float(
+                _cfg_get(larc, "trust_coefficient", DEFAULT_TRUST_COEFFICIENT),
+                "OPTIMIZER.larc_config.trust_coefficient",
+            ),
+            eps=_as_float(_cfg_get(larc, "eps", DEFAULT_EPS), "OPTIMIZER.larc_config.eps"),
+            clip=_as_bool(_cfg_get(larc, "clip", DEFAULT_CLIP), "OPTIMIZER.larc_config.clip"),
+            foreach=_as_bool(_cfg_get(larc, "foreach", True), "OPTIMIZER.larc_config.foreach"),
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Learning-rate schedule
+# --------------------------------------------------------------------------- #
+def warmup_cosine_lr(
+    base_lr: float,
+    final_lr: float,
+    epochs: int,
+    iterations_per_epoch: int,
+    warmup_epochs: int = 0,
+    start_warmup: float = 0.0,
+) -> np.ndarray:
+    """Per-iteration learning rates of the SwAV release (recipe "lr schedule" row).
+
+    ``np.linspace(start_warmup, base_lr, iterations_per_epoch * warmup_epochs)``
+    (endpoints included), followed, for ``t`` in
+    ``range(T)``, ``T = iterations_per_epoch * (epochs - warmup_epochs)``, by
+    ``final_lr + 0.5 * (base_lr - final_lr) * (1 + cos(pi * t / T))``
+    (evaluated with ``math.cos``, as the release does). Length
+    ``epochs * iterations_per_epoch``, float64.
+    """
+    epochs = int(epochs)
+    n = int(iterations_per_epoch)
+    warmup_epochs = int(warmup_epochs)
+    warmup = np.linspace(start_warmup, base_lr, n * warmup_epochs)
+    total = n * (epochs - warmup_epochs)
+    half = 0.5 * (base_lr - final_lr)
+    cosine = np.fromiter(
+        (final_lr + half * (1 + math.cos(math.pi * t / total)) for t in range(total)),
+        dtype=np.float64,
+        count=max(total, 0),
+    )
+    return np.concatenate((warmup, cosine))
+
+
+def scale_lr(lr: float, global_batch_size: int, reference_batch_size: int = 256) -> float:
+    """Linear scaling rule: ``lr * global_batch_size / reference_batch_size``.
+
+    Recipe: "base_lr 4.8 at 4096 [...] the 0.3-per-256 linear rule":
+    ``scale_lr(0.3, 4096) == 4.8``; a run on fewer GPUs scales the recipe's
+    base_lr / final_lr / start_warmup with
+    ``scale_lr(x, new_global_batch, recipe_global_batch)``.
+    """
+    if isinstance(global_batch_size, bool) or int(global_batch_size) != global_batch_size or global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
+    if reference_batch_size <= 0:
+        raise ValueError(f"reference_batch_size must be > 0, got {reference_batch_size!r}")
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr!r}")
+    return lr * global_batch_size / reference_batch_size
+
+
+def _validate_schedule(
+    base_lr, final_lr, num_epochs, warmup_epochs, start_warmup, prefix: str
+):
+    """Returns the validated, typed arguments; ValueError names the bad key."""
+    base_lr = _as_float(base_lr, f"{prefix}.base_lr")
+    final_lr = _as_float(final_lr, f"{prefix}.final_lr")
+    start_warmup = _as_float(start_warmup, f"{prefix}.start_warmup")
+    for key, val in (("base_lr", base_lr), ("final_lr", final_lr), ("start_warmup", start_warmup)):
+        if not math.isfinite(val) or val < 0:
+            raise ValueError(f"{prefix}.{key} ({val}) must be a finite number >= 0")
+    ne = _as_float(num_epochs, "OPTIMIZER.num_epochs")
+    if not ne.is_integer() or ne < 1:
+        raise ValueError(f"OPTIMIZER.num_epochs ({num_epochs}) must be an integer >= 1")
+    we = _as_float(warmup_epochs, f"{prefix}.warmup_epochs")
+    if not we.is_integer() or we < 0:
+        raise ValueError(f"{prefix}.warmup_epochs ({warmup_epochs}) must be an integer >= 0")
+    if we >= ne:
+        raise ValueError(
+            f"{prefix}.warmup_epochs ({int(we)}) must be < num_epochs ({int(ne)}) "
+            "(OPTIMIZER.num_epochs)"
+        )
+    return base_lr, final_lr, int(ne), int(we), start_warmup
+
+
+@register_param_scheduler(SCHEDULER_NAME)
+class SwavWarmupCosineParamScheduler(ClassyParamScheduler):
+    """``swav_plugin_warmup_cosine``: the SwAV per-iteration LR (recipe "lr schedule" row).
+
+    Config, under ``OPTIMIZER.param_schedulers.lr`` (VISSL copies it to
+    ``lr_head`` when ``head_optimizer_params.use_different_lr`` is false)::
+
+        name: swav_plugin_warmup_cosine
+        update_interval: step          # required (VISSL's default is "epoch")
+        base_lr: 4.8                   # required
+        final_lr: 0.0048               # required
+        warmup_epochs: 10              # default 0, integer < num_epochs
+        start_warmup: 0.3              # default 0.0
+        auto_lr_scaling: {...}         # ignored (see below)
+
+    ``num_epochs`` is injected by ClassyVision's ``build_optimizer_schedulers``
+    from ``OPTIMIZER.num_epochs``. Other keys of VISSL's default ``lr`` node
+    (``values``, ``milestones``, ``start_value``...) are ignored.
+
+    ``auto_lr_scaling`` is ignored here (the scheduler is pure). Beware: with
+    ``auto_lr_scaling.auto_scale: true`` VISSL's own ``infer_learning_rate``
+    treats this scheduler as a "cosine" one (the name contains the word) and
+    rewrites ``start_value``/``end_value``, keys this scheduler does not read,
+    i.e. it silently does *not* scale. Keep VISSL's flag false while VISSL's
+    inference runs and scale ``base_lr``/``final_lr``(/``start_warmup``) with
+    :func:`scale_lr` in the plugin's own config inference.
+
+    ClassyOptimizer calls the scheduler with ``where = iteration /
+    (num_epochs * iterations_per_epoch)`` in [0, 1). After
+    :meth:`set_iterations_per_epoch` (``n`` = optimizer steps per epoch; VISSL's
+    ``task.num_batches_per_phase`` when an epoch is one phase) it returns
+    ``warmup_cosine_lr(...)[round(where * num_epochs * n)]`` (index clamped),
+    i.e. exactly the release's array value at every iteration. Before that,
+    it evaluates the continuous limit of the same formula (``e = where *
+    num_epochs`` epochs): ``start_warmup + (base_lr - start_warmup) * e /
+    warmup_epochs`` during warmup, then ``final_lr + 0.5 * (base_lr -
+    final_lr) * (1 + cos(pi * (e - warmup_epochs) / (num_epochs -
+    warmup_epochs)))`` -- it agrees with the array at where=0 and at the
+    warmup/cosine boundary, and differs by O(1/n) within warmup.
+    """
+
+    CONFIG_PREFIX = "OPTIMIZER.param_schedulers.lr"
+
+    def __init__(
+        self,
+        base_lr: float,
+        final_lr: float,
+        num_epochs: int,
+        warmup_epochs: int = 0,
+        start_warmup: float = 0.0,
+        update_interval: UpdateInterval = UpdateInterval.STEP,
+    ) -> None:
+        super().__init__(update_interval=update_interval)
+        (
+            self.base_lr,
+            self.final_lr,
+            self.num_epochs,
+            self.warmup_epochs,
+            self.start_warmup,
+        ) = _validate_schedule(
+            base_lr, final_lr, num_epochs, warmup_epochs, start_warmup, self.CONFIG_PREFIX
+        )
+        self.iterations_per_epoch: Optional[int] = None
+        self.lr_schedule: Optional[np.ndarray] = None
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "SwavWarmupCosineParamScheduler":
+        p = cls.CONFIG_PREFIX
+        for key in ("base_lr", "final_lr"):
+            if config.get(key, None) is None:
+                raise ValueError(f"{p}.{key} is required for name: {SCHEDULER_NAME}")
+        if config.get("num_epochs", None) is None:
+            raise ValueError(
+                f"{p}.num_epochs missing: ClassyVision's build_optimizer_schedulers "
+                "injects it from OPTIMIZER.num_epochs"
+            )
+        interval = str(config.get("update_interval", "step")).lower()
+        if interval != "step":
+            raise ValueError(
+                f"{p}.update_interval must be 'step' for {SCHEDULER_NAME} (the SwAV "
+                f"schedule is per iteration), got {config.get('update_interval')!r}"
+            )
+        return cls(
+            base_lr=config["base_lr"],
+            final_lr=config["final_lr"],
+            num_epochs=config["num_epochs"],
+            warmup_epochs=config.get("warmup_epochs", 0),
+            start_warmup=config.get("start_warmup", 0.0),
+            update_interval=UpdateInterval.STEP,
+        )
+
+    def set_iterations_per_epoch(self, iterations_per_epoch: int) -> None:
+        """Switches to the exact per-iteration array (see class docstring)."""
+        if (
+            isinstance(iterations_per_epoch, bool)
+            or int(iterations_per_epoch) != iterations_per_epoch
+            or iterations_per_epoch < 1
+        ):
+            raise ValueError(
+                f"iterations_per_epoch must be a positive integer, got {iterations_per_epoch!r}"
+            )
+        n = int(iterations_per_epoch)
+        if n == self.iterations_per_epoch:
+            return
+        self.lr_schedule = warmup_cosine_lr(
+            self.base_lr,
+            self.final_lr,
+            self.num_epochs,
+            n,
+            self.warmup_epochs,
+            self.start_warmup,
+        )
+        self.iterations_per_epoch = n
+
+    def _continuous(self, where: float) -> float:
+        e = where * self.num_epochs
+        w = self.warmup_epochs
+        if w > 0 and e < w:
+            return self.start_warmup + (self.base_lr - self.start_warmup) * e / w
+        frac = (e - w) / (self.num_epochs - w)
+        frac = min(max(frac, 0.0), 1.0)
+        return self.final_lr + 0.5 * (self.base_lr - self.final_lr) * (
+            1 + math.cos(math.pi * frac)
+        )
+
+    def __call__(self, where: float) -> float:
+        if self.lr_schedule is None:
+            return self._continuous(where)
+        idx = int(round(where * self.num_epochs * self.iterations_per_epoch))
+        idx = min(max(idx, 0), len(self.lr_schedule) - 1)
+        return float(self.lr_schedule[idx])
+
+
+def set_schedulers_iterations_per_epoch(target, iterations_per_epoch: int) -> int:
+    """Calls ``set_iterations_per_epoch`` on every :class:`SwavWarmupCosineParamScheduler`
+    reachable from ``target`` and returns how many distinct ones it found.
+
+    ``target`` may be a scheduler, a dict of schedulers (VISSL's
+    ``task.optimizer_schedulers``), a ClassyOptimizer (its param-group
+    schedulers), a VISSL task (both of the above), or an iterable of these.
+    Meant for a training-start hook: ``set_schedulers_iterations_per_epoch(task,
+    task.num_batches_per_phase)`` (multiply by the train phases per epoch if an
+    epoch spans several phases).
+    """
+    found: Dict[int, SwavWarmupCosineParamScheduler] = {}
+
+    def visit(obj, depth=0):
+        if obj is None or depth > 4:
+            return
+        if isinstance(obj, SwavWarmupCosineParamScheduler):
+            found[id(obj)] = obj
+        elif isinstance(obj, ClassyOptimizer):
+            for pg in obj._param_group_schedulers or []:
+                for k, v in pg.items():
+                    if k != "params":
+                        visit(v, depth + 1)
+        elif isinstance(obj, Mapping):
+            for v in obj.values():
+                visit(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v, depth + 1)
+        elif hasattr(obj, "optimizer_schedulers") or hasattr(obj, "optimizer"):
+            visit(getattr(obj, "optimizer_schedulers", None), depth + 1)
+            visit(getattr(obj, "optimizer", None), depth + 1)
+
+    visit(target)
+    for sched in found.values():
+        sched.set_iterations_per_epoch(iterations_per_epoch)
+    return len(found)

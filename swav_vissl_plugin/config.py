@@ -256,7 +256,7 @@ def compose(overrides: Sequence[str], dump_config: bool = True):
     from hydra import compose as hydra_compose, initialize_config_module
     from omegaconf import OmegaConf
     from vissl.config import AttrDict
-    from vissl.utils.hydra_config import convert_to_attrdict, save_attrdict_to_disk
+    from vissl.utils.hydra_config import convert_to_attrdict
 
     with initialize_config_module(config_module="vissl.config", version_base=None):
         cfg = hydra_compose("defaults", overrides=list(overrides))
@@ -274,5 +274,18 @@ def compose(overrides: Sequence[str], dump_config: bool = True):
         config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale = True
     infer_and_validate(config, auto_scale_lr=ours)
     if dump_config:
-        save_attrdict_to_disk(config)
+        _dump(config)
     return args, config
+
+
+def _dump(config) -> None:
+    """Write train_config.yaml as VISSL does (its dtype conversion is not YAML)."""
+    from vissl.utils.hydra_config import save_attrdict_to_disk
+
+    fsdp = config.MODEL.FSDP_CONFIG
+    dtype = fsdp["compute_dtype"]
+    fsdp["compute_dtype"] = str(dtype).replace("torch.", "")
+    try:
+        save_attrdict_to_disk(config)
+    finally:
+        fsdp["compute_dtype"] = dtype

@@ -24,6 +24,8 @@ from typing import List
 
 from classy_vision.hooks.classy_hook import ClassyHook
 
+from swav_vissl_plugin.optim import set_schedulers_iterations_per_epoch
+
 PLUGIN_LOSSES = ("swav_plugin_loss",)
 
 
@@ -77,7 +79,11 @@ class SwAVPrototypesHook(_NoopHook):
                 p.grad = None
 
     def on_update(self, task) -> None:
-        _head(task).normalize_prototypes()
+        # Frozen prototypes received no update (no gradient, so no weight decay
+        # or momentum either): they are still unit-norm, and leaving them alone
+        # keeps them bit-identical through the freeze.
+        if task.iteration >= self.freeze_prototypes_niters:
+            _head(task).normalize_prototypes()
 
 
 class SwAVQueueHook(_NoopHook):
@@ -92,18 +98,8 @@ class WarmupCosineIterationsHook(_NoopHook):
     """Tell iteration-exact schedulers how many iterations an epoch has."""
 
     def on_phase_start(self, task) -> None:
-        if not task.train:
-            return
-        n = task.num_batches_per_phase
-        seen = set()
-        schedulers = list(getattr(task, "optimizer_schedulers", {}).values())
-        for group in getattr(task.optimizer, "_param_group_schedulers", None) or []:
-            schedulers.extend(v for k, v in group.items() if k != "params")
-        for sched in schedulers:
-            if id(sched) in seen or not hasattr(sched, "set_iterations_per_epoch"):
-                continue
-            seen.add(id(sched))
-            sched.set_iterations_per_epoch(n)
+        if task.train:
+            set_schedulers_iterations_per_epoch(task, task.num_batches_per_phase)
 
 
 def plugin_hooks(cfg) -> List[ClassyHook]:

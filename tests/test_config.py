@@ -1,0 +1,119 @@
+"""Config composition, inference and the errors bad configs stop with."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from swav_vissl_plugin.config import ConfigError
+
+LOSS = "config.LOSS.swav_plugin_loss"
+MC = "config.DATA.TRAIN.TRANSFORMS.0"
+
+
+def test_quickstart_composes_from_any_directory(tmp_path):
+    # Installed configs resolve through the hydra search-path plugin, not the cwd.
+    code = (
+        "from swav_vissl_plugin.config import compose\n"
+        "_, c = compose(['config=swav_plugin/pretrain/swav_quickstart'], dump_config=False)\n"
+        "print(c.LOSS.name, c.LOSS.swav_plugin_loss.num_crops, c.MODEL.TRUNK.NAME)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["swav_plugin_loss", "6", "swav_plugin_small_cnn"]
+
+
+def test_base_config_is_the_recipe(compose_cfg):
+    c = compose_cfg(config="swav_plugin/pretrain/swav_base")
+    loss = c.LOSS.swav_plugin_loss
+    assert (loss.num_crops, list(loss.crops_for_assign)) == (8, [0, 1])
+    assert (loss.temperature, loss.epsilon, loss.sinkhorn_iterations) == (0.1, 0.05, 3)
+    assert list(loss.nmb_prototypes) == [3000] and loss.feat_dim == 128
+    assert loss.freeze_prototypes_niters == 313 and loss.local_queue_length == 0
+    lr = c.OPTIMIZER.param_schedulers.lr
+    assert (lr.base_lr, lr.final_lr, lr.warmup_epochs, lr.start_warmup) == (4.8, 0.0048, 10, 0.3)
+    assert c.OPTIMIZER.name == "swav_plugin_larc" and c.OPTIMIZER.weight_decay == 1e-6
+    assert c.OPTIMIZER.num_epochs == 800 and c.SEED_VALUE == 31
+    assert 64 * 64 == c.DATA.TRAIN.BATCHSIZE_PER_REPLICA * 8 * 8
+
+
+def test_queue_length_trimmed_to_multiple_of_global_batch(compose_cfg):
+    c = compose_cfg(
+        f"{LOSS}.queue_length=3900",
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64",
+        "config.DISTRIBUTED.NUM_PROC_PER_NODE=4",
+    )
+    # 3900 -> 3840 = 15 x 256, i.e. 960 per rank (recipe rows 5 and 6)
+    assert c.LOSS.swav_plugin_loss.queue_length == 3840
+    assert c.LOSS.swav_plugin_loss.local_queue_length == 960
+
+
+def test_linear_lr_scaling(compose_cfg):
+    lr_key = "config.OPTIMIZER.param_schedulers.lr"
+    c = compose_cfg(
+        f"{lr_key}.auto_lr_scaling.auto_scale=true",
+        f"{lr_key}.auto_lr_scaling.base_value=0.3",
+        f"{lr_key}.base_lr=4.8",
+        f"{lr_key}.final_lr=0.0048",
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64",
+        "config.DISTRIBUTED.NUM_NODES=8",
+        "config.DISTRIBUTED.NUM_PROC_PER_NODE=8",
+    )
+    lr = c.OPTIMIZER.param_schedulers.lr
+    assert lr.base_lr == pytest.approx(4.8) and lr.final_lr == pytest.approx(0.0048)
+    c = compose_cfg(
+        f"{lr_key}.auto_lr_scaling.auto_scale=true",
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64",
+        "config.DISTRIBUTED.NUM_PROC_PER_NODE=4",
+    )
+    lr = c.OPTIMIZER.param_schedulers.lr
+    assert lr.base_lr == pytest.approx(0.3) and lr.final_lr == pytest.approx(0.0003)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ([f"{LOSS}.crops_for_assign=[0,6]"], "LOSS.swav_plugin_loss.crops_for_assign"),
+        ([f"{LOSS}.crops_for_assign=[]"], "LOSS.swav_plugin_loss.crops_for_assign"),
+        ([f"{MC}.size_crops=[28]"], "DATA.TRAIN.TRANSFORMS[SwavPluginMultiCrop]"),
+        ([f"{MC}.min_scale_crops=[0.3,0.1,0.05]"], "DATA.TRAIN.TRANSFORMS[SwavPluginMultiCrop]"),
+        ([f"{LOSS}.queue_length=100"], "LOSS.swav_plugin_loss.queue_length"),
+        ([f"{LOSS}.epsilon=0"], "LOSS.swav_plugin_loss.epsilon"),
+        ([f"{LOSS}.epsilon=-0.05"], "LOSS.swav_plugin_loss.epsilon"),
+        ([f"{LOSS}.temperature=0"], "LOSS.swav_plugin_loss.temperature"),
+        ([f"{LOSS}.sinkhorn_iterations=0"], "LOSS.swav_plugin_loss.sinkhorn_iterations"),
+        (["config.LOSS.name=swav_plugin_los"], "LOSS.name"),
+        (["config.MODEL.TRUNK.NAME=small_cnn"], "MODEL.TRUNK.NAME"),
+        (["config.OPTIMIZER.name=larc"], "OPTIMIZER.name"),
+        (["config.OPTIMIZER.param_schedulers.lr.name=warmup_cos"], "OPTIMIZER.param_schedulers.lr.name"),
+        ([f"{MC}.name=SwavMultiCrop"], "DATA.TRAIN.TRANSFORMS[0].name"),
+        (["config.DATA.TRAIN.COLLATE_FUNCTION=swav_collator"], "DATA.TRAIN.COLLATE_FUNCTION"),
+        (["config.OPTIMIZER.param_schedulers.lr.warmup_epochs=10"], "OPTIMIZER.param_schedulers.lr.warmup_epochs"),
+    ],
+)
+def test_bad_config_names_the_key(compose_cfg, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose_cfg(*overrides)
+    assert f"config.{key}" in str(err.value)
+
+
+def test_bad_config_stops_the_launcher_before_training(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "run_distributed_engines.py"
+    ckpt = tmp_path / "checkpoints"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            "config=swav_plugin/pretrain/swav_quickstart",
+            f"config.CHECKPOINT.DIR={ckpt}",
+            "config.LOSS.swav_plugin_loss.crops_for_assign=[0,9]",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert "config.LOSS.swav_plugin_loss.crops_for_assign" in out.stderr
+    assert not list(tmp_path.rglob("*.torch")) and not (ckpt / "train_config.yaml").exists()

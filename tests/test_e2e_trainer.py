@@ -1,0 +1,95 @@
+"""End to end through VISSL's real trainer: 2 gloo ranks on CPU.
+
+The run uses the quickstart config on a 384-image slice of its real image
+folder, 2 ranks x 16 images, 8 crops... (2x28 + 4x14), 2 epochs.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FREEZE = 4
+
+
+def _records(folder: Path, rank: int):
+    lines = (folder / f"probe_rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(l) for l in lines]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_folder):
+    from vissl.utils.distributed_launcher import launch_distributed
+
+    import e2e_probe
+    from swav_vissl_plugin.config import compose
+
+    ckpt = tmp_path_factory.mktemp("e2e") / "checkpoints"
+    _, config = compose(
+        [
+            "config=swav_plugin/pretrain/swav_quickstart",
+            f"config.DATA.TRAIN.DATA_PATHS=[{mnist_folder['train']}]",
+            "config.DATA.TRAIN.DATA_LIMIT=384",
+            "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=16",
+            "config.DATA.NUM_DATALOADER_WORKERS=0",
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+            "config.OPTIMIZER.num_epochs=2",
+            "config.OPTIMIZER.param_schedulers.lr.warmup_epochs=0",
+            "config.OPTIMIZER.param_schedulers.lr.base_lr=4.8",
+            f"config.LOSS.swav_plugin_loss.freeze_prototypes_niters={FREEZE}",
+            f"config.CHECKPOINT.DIR={ckpt}",
+            "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1",
+            "config.LOG_FREQUENCY=1",
+        ]
+    )
+    launch_distributed(config, node_id=0, engine_name="train", hook_generator=e2e_probe.probe_hook_generator)
+    return config, ckpt
+
+
+def test_loss_finite_and_falling(trained):
+    _, ckpt = trained
+    recs = _records(ckpt, 0)
+    assert len(recs) == 2 * 384 // 32  # 12 iterations per epoch, 2 epochs
+    losses = [r["loss"] for r in recs]
+    assert all(r["local_loss_finite"] for r in recs)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.05, losses
+
+
+def test_ranks_agree_on_the_reduced_loss(trained):
+    _, ckpt = trained
+    r0, r1 = _records(ckpt, 0), _records(ckpt, 1)
+    assert [r["loss"] for r in r0] == pytest.approx([r["loss"] for r in r1], abs=1e-6)
+
+
+def test_prototypes_unit_norm_after_every_step(trained):
+    _, ckpt = trained
+    for r in _records(ckpt, 0):
+        assert r["max_norm_error"] < 1e-5, r
+
+
+def test_prototypes_frozen_then_trained(trained):
+    _, ckpt = trained
+    recs = _records(ckpt, 0)
+    # records[i].moved compares the prototypes after step i with those after step i-1
+    frozen = [r["moved"] for r in recs[1:FREEZE]]
+    trained_moves = [r["moved"] for r in recs[FREEZE:]]
+    assert frozen and max(frozen) == 0.0, frozen
+    assert min(trained_moves) > 0.0, trained_moves
+
+
+def test_checkpoint_loads_back(trained):
+    from vissl.models import build_model
+
+    config, ckpt = trained
+    finals = sorted(ckpt.glob("model_final_checkpoint_phase*.torch"))
+    assert finals, list(ckpt.iterdir())
+    state = torch.load(finals[-1], map_location="cpu", weights_only=True)
+    assert state["iteration"] == 24 and state["phase_idx"] == 1
+    model = build_model(config.MODEL, config.OPTIMIZER)
+    model.set_classy_state(state["classy_state_dict"]["base_model"])
+    protos = model.heads[0].prototype_parameters()[0]
+    assert torch.allclose(protos.norm(dim=1), torch.ones(protos.shape[0]), atol=1e-5)
+    # the loss state (queue) travels with the checkpoint
+    assert "loss" in state

@@ -1,0 +1,605 @@
+"""Tests for swav_vissl_plugin.transforms (SwavPluginMultiCrop + collator).
+
+Statistical tests use fixed torch seeds and tolerances of 4.5 binomial (or
+sample-mean) standard errors, so they are deterministic, pass for the recipe
+probabilities and fail when a probability is changed by >= 0.2 (e.g. flip
+0.5 -> 0.3).  Images and crops are tiny to keep the file fast.
+"""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torchvision.transforms import RandomResizedCrop, ToTensor
+
+import swav_vissl_plugin  # noqa: F401  (registers everything)
+from swav_vissl_plugin import transforms as T
+from vissl.data.collators import COLLATOR_REGISTRY, get_collator
+from vissl.data.collators.multicrop_collator import multicrop_collator
+from vissl.data.ssl_transforms import get_transform
+from vissl.data.ssl_transforms import ssl_transforms_wrapper as vissl_wrapper
+
+RECIPE_MEAN = (0.485, 0.456, 0.406)
+RECIPE_STD = (0.228, 0.224, 0.225)
+Z = 4.5  # standard errors allowed
+
+
+def make(**overrides):
+    cfg = {
+        "nmb_crops": [2, 6],
+        "size_crops": [224, 96],
+        "min_scale_crops": [0.14, 0.05],
+        "max_scale_crops": [1.0, 0.14],
+    }
+    cfg.update(overrides)
+    return T.SwavPluginMultiCrop.from_config(cfg)
+
+
+def rgb_noise(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def full_image(n, size, **overrides):
+    """n crops covering the whole (square, size x size) image: identity box."""
+    return make(
+        nmb_crops=[n],
+        size_crops=[size],
+        min_scale_crops=[1.0],
+        max_scale_crops=[1.0],
+        ratio=[1.0, 1.0],
+        **overrides,
+    )
+
+
+def to_uint8(t):
+    """Undo ToTensor (normalize=False output) exactly."""
+    return (t * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def assert_rate(hits, n, p):
+    se = math.sqrt(p * (1 - p) / n)
+    rate = hits / n
+    assert abs(rate - p) <= Z * se, f"rate {rate:.3f} vs expected {p} (se {se:.3f})"
+
+
+# --------------------------------------------------------------- output shape
+def test_output_count_order_shapes_dtype_recipe_row1():
+    torch.manual_seed(0)
+    out = make()(rgb_noise(180, 240))
+    assert len(out) == 8
+    assert [tuple(t.shape) for t in out] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
+    assert all(t.dtype == torch.float32 for t in out)
+    assert all(t.is_contiguous() for t in out)
+
+
+def test_small_sizes_grayscale_input_order():
+    img = Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28), "L")
+    torch.manual_seed(1)
+    out = make(
+        nmb_crops=[2, 4],
+        size_crops=[28, 14],
+        min_scale_crops=[0.14, 0.05],
+        max_scale_crops=[1.0, 0.14],
+    )(img)
+    assert [tuple(t.shape) for t in out] == [(3, 28, 28)] * 2 + [(3, 14, 14)] * 4
+    assert all(t.dtype == torch.float32 for t in out)
+
+
+def test_order_follows_config_lists_not_sorted_by_size():
+    torch.manual_seed(2)
+    out = make(
+        nmb_crops=[1, 2, 1],
+        size_crops=[8, 16, 4],
+        min_scale_crops=[0.5, 0.5, 0.5],
+        max_scale_crops=[1.0, 1.0, 1.0],
+    )(rgb_noise(20, 20))
+    assert [t.shape[-1] for t in out] == [8, 16, 16, 4]
+
+
+@pytest.mark.parametrize(
+    "mode", ["L", "P", "RGBA", "CMYK", "I;16", "1", "LA", "La", "I", "F", "YCbCr"]
+)
+def test_image_modes_give_three_channels(mode):
+    base = rgb_noise(24, 24)
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257))
+    elif mode == "La":
+        img = base.convert("LA").convert("La")
+    else:
+        img = base.convert(mode)
+    assert img.mode == mode
+    torch.manual_seed(3)
+    out = make(nmb_crops=[1, 2], size_crops=[16, 8])(img)
+    assert [tuple(t.shape) for t in out] == [(3, 16, 16), (3, 8, 8), (3, 8, 8)]
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_16bit_image_is_rescaled_not_clipped():
+    # value 257 * 100 in 16 bits is grey level 100 in 8 bits (PIL would clip to 255)
+    img = Image.fromarray(np.full((8, 8), 257 * 100, dtype=np.uint16))
+    assert img.mode == "I;16"
+    assert np.asarray(T.to_rgb(img)).max() == 100
+    tr = full_image(1, 8, color_jitter_p=0.0, grayscale_p=0.0, normalize=False)
+    torch.manual_seed(0)
+    (out,) = tr(img)
+    assert torch.allclose(out, torch.full_like(out, 100 / 255))
+
+
+def test_image_smaller_than_crop_size():
+    torch.manual_seed(4)
+    out = make(nmb_crops=[2, 2], size_crops=[32, 16])(rgb_noise(5, 3))
+    assert [tuple(t.shape) for t in out] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    torch.manual_seed(4)
+    out = make(nmb_crops=[1], size_crops=[4], min_scale_crops=[0.05], max_scale_crops=[0.1])(
+        rgb_noise(1, 1)
+    )
+    assert tuple(out[0].shape) == (3, 4, 4)
+
+
+def test_rejects_non_pil_input():
+    with pytest.raises(TypeError, match="PIL"):
+        make()(np.zeros((8, 8, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------- VISSL integration
+VISSL_CFG = {
+    "name": "SwavPluginMultiCrop",
+    "nmb_crops": [2, 3],
+    "size_crops": [16, 8],
+    "min_scale_crops": [0.14, 0.05],
+    "max_scale_crops": [1.0, 0.14],
+}
+
+
+def vissl_sample(idx, label):
+    return {
+        "data": [rgb_noise(20 + idx, 24, seed=idx)],
+        "label": [label],
+        "data_valid": [1 if idx % 2 == 0 else -1],
+        "data_idx": [idx],
+    }
+
+
+def test_registered_in_vissl_registries_and_copies_list():
+    assert vissl_wrapper._TRANSFORMS_WITH_COPIES.count("SwavPluginMultiCrop") == 1
+    assert "SwavPluginMultiCrop" in vissl_wrapper.DEFAULT_TRANSFORM_TYPES["TRANSFORMS_WITH_COPIES"]
+    # built-ins untouched
+    for name in ("ImgReplicatePil", "ImgPilToPatchesAndImage", "ImgPilToMultiCrop"):
+        assert name in vissl_wrapper._TRANSFORMS_WITH_COPIES
+    assert COLLATOR_REGISTRY["swav_plugin_multicrop_collator"] is T.swav_plugin_multicrop_collator
+
+
+def test_vissl_get_transform_flattens_and_replicates_metadata():
+    transform = get_transform([dict(VISSL_CFG)])
+    torch.manual_seed(5)
+    sample = transform(vissl_sample(7, 42))
+    assert len(sample["data"]) == 5
+    assert [tuple(t.shape) for t in sample["data"]] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
+    assert sample["label"] == [42] * 5
+    assert sample["data_valid"] == [-1] * 5
+    assert sample["data_idx"] == [7] * 5
+    # a following VISSL transform sees the individual crops (indices 0..4)
+    chained = get_transform([dict(VISSL_CFG), {"name": "RandomHorizontalFlip", "p": 1.0}])
+    torch.manual_seed(5)
+    flipped = chained(vissl_sample(7, 42))
+    for a, b in zip(flipped["data"], sample["data"]):
+        assert torch.equal(a, b.flip(-1))
+
+
+def test_collator_matches_vissl_multicrop_collator():
+    transform = get_transform([dict(VISSL_CFG)])
+    torch.manual_seed(6)
+    batch = [transform(vissl_sample(i, 10 * i)) for i in range(4)]
+    ours = get_collator("swav_plugin_multicrop_collator", {})(batch)
+    ref = multicrop_collator(batch)
+    assert set(ours) == set(ref) == {"data", "label", "data_valid", "data_idx"}
+    assert len(ours["data"]) == 1 and len(ours["data"][0]) == 5
+    assert [tuple(t.shape) for t in ours["data"][0]] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
+    for a, b in zip(ours["data"][0], ref["data"][0]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for key in ("label", "data_valid", "data_idx"):
+        assert len(ours[key]) == 1
+        assert ours[key][0].shape == ref[key][0].shape == (5 * 4,)
+        assert ours[key][0].dtype == ref[key][0].dtype
+        assert torch.equal(ours[key][0], ref[key][0])
+    # position-major: entry p * B + i is crop p of sample i
+    assert ours["data_idx"][0].tolist() == [0, 1, 2, 3] * 5
+    assert ours["label"][0].tolist() == [0, 10, 20, 30] * 5
+
+
+def test_collator_multidimensional_tensor_and_other_label_types():
+    transform = get_transform([dict(VISSL_CFG)])
+    torch.manual_seed(7)
+    batch = [transform(vissl_sample(i, i)) for i in range(3)]
+    ours = T.swav_plugin_multicrop_collator(batch, create_multidimensional_tensor=True)
+    ref = multicrop_collator(batch, create_multidimensional_tensor=True)
+    assert type(ours["data"][0]) is type(ref["data"][0])
+    assert torch.equal(ours["data"][0].tensor, ref["data"][0].tensor)
+    assert torch.equal(ours["data"][0].mask, ref["data"][0].mask)
+    # multi-label lists and numpy labels
+    for make_label in (lambda i: [i, i + 1], lambda i: np.int64(i)):
+        batch2 = [dict(s, label=[make_label(i)] * 5) for i, s in enumerate(batch)]
+        a = T.swav_plugin_multicrop_collator(batch2)["label"][0]
+        b = multicrop_collator(batch2)["label"][0]
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_collator_rejects_mismatched_crop_counts():
+    transform = get_transform([dict(VISSL_CFG)])
+    batch = [transform(vissl_sample(i, i)) for i in range(2)]
+    batch[1]["data"] = batch[1]["data"][:3]
+    with pytest.raises(ValueError, match="crops"):
+        T.swav_plugin_multicrop_collator(batch)
+
+
+# ------------------------------------------------------ crop-box statistics
+def test_crop_box_area_and_aspect_distribution():
+    n = 3000
+    tr = make(nmb_crops=[n], size_crops=[8], min_scale_crops=[0.05], max_scale_crops=[0.14])
+    W, H = 1000, 800
+    torch.manual_seed(8)
+    params = tr.sample_params(W, H)
+    assert len(params) == n
+    w = np.array([p.width for p in params], dtype=float)
+    h = np.array([p.height for p in params], dtype=float)
+    top = np.array([p.top for p in params])
+    left = np.array([p.left for p in params])
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+    frac = w * h / (W * H)
+    # bounds up to integer rounding of w, h
+    slack = (w + h + 1) / (W * H)
+    assert (frac >= 0.05 - slack).all() and (frac <= 0.14 + slack).all()
+    # every box of this range fits: area ~ U(0.05, 0.14)
+    sd = (0.14 - 0.05) / math.sqrt(12)
+    assert abs(frac.mean() - 0.095) <= Z * sd / math.sqrt(n)
+    assert abs(frac.std() - sd) <= 0.1 * sd
+    assert frac.min() < 0.053 and frac.max() > 0.137
+    # log aspect ~ U(log 3/4, log 4/3)
+    la = np.log(w / h)
+    lim = math.log(4 / 3)
+    assert (np.abs(la) <= lim + 2 / h.min()).all()
+    sd = 2 * lim / math.sqrt(12)
+    assert abs(la.mean()) <= Z * sd / math.sqrt(n)
+    assert abs(la.std() - sd) <= 0.1 * sd
+    assert la.min() < -0.9 * lim and la.max() > 0.9 * lim
+    # positions uniform over the valid range
+    rel = left / (W - w)
+    assert abs(rel.mean() - 0.5) <= Z * math.sqrt(1 / 12 / n)
+    rel = top / (H - h)
+    assert abs(rel.mean() - 0.5) <= Z * math.sqrt(1 / 12 / n)
+
+
+def test_crop_box_large_scale_range_bounds():
+    n = 2000
+    tr = make(nmb_crops=[n], size_crops=[8], min_scale_crops=[0.14], max_scale_crops=[1.0])
+    torch.manual_seed(9)
+    params = tr.sample_params(640, 480)
+    w = np.array([p.width for p in params], dtype=float)
+    h = np.array([p.height for p in params], dtype=float)
+    frac = w * h / (640 * 480)
+    assert frac.min() >= 0.14 - 0.01 and frac.max() <= 1.0
+    assert frac.min() < 0.16 and frac.max() > 0.9
+    # large areas are rejected more often, so the mean is below (0.14+1)/2 but
+    # well above the small end
+    assert 0.45 < frac.mean() < 0.57
+
+
+def test_crop_box_fallback_matches_torchvision():
+    # no box with area >= 0.9 and aspect in [3/4, 4/3] fits in 1000 x 10
+    tr = make(nmb_crops=[4], size_crops=[8], min_scale_crops=[0.9], max_scale_crops=[1.0])
+    img = Image.new("RGB", (1000, 10))
+    expected = RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3])
+    for p in tr.sample_params(1000, 10):
+        assert (p.top, p.left, p.height, p.width) == tuple(expected)
+
+
+def test_crop_rendered_from_sampled_box():
+    # pixel (x, y) has R = x, G = y: the output reveals where the crop came from
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8))
+    n, s = 200, 32
+    tr = make(
+        nmb_crops=[n], size_crops=[s], min_scale_crops=[0.08], max_scale_crops=[1.0],
+        flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, normalize=False,
+    )
+    torch.manual_seed(10)
+    out = tr(img)
+    torch.manual_seed(10)
+    params = tr.sample_params(256, 256)
+    k1, k2 = 8, 23  # interior output pixels (bilinear keeps a ramp linear)
+    for t, p in zip(out, params):
+        a = to_uint8(t).astype(float)
+        r, g = a[s // 2, :, 0], a[:, s // 2, 1]
+        w_est = (r[k2] - r[k1]) / (k2 - k1) * s
+        h_est = (g[k2] - g[k1]) / (k2 - k1) * s
+        x0 = r[k1] - (k1 + 0.5) * p.width / s + 0.5
+        y0 = g[k1] - (k1 + 0.5) * p.height / s + 0.5
+        assert abs(w_est - p.width) <= 2.5 and abs(h_est - p.height) <= 2.5
+        assert abs(x0 - p.left) <= 1.0 and abs(y0 - p.top) <= 1.0
+
+
+def test_box_resize_close_to_crop_then_resize():
+    img = rgb_noise(64, 64).filter(ImageFilter.GaussianBlur(2))
+    tr = full_image(1, 16, flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0,
+                    blur_p=0.0, normalize=False)
+    p = T.CropParams(16, 10, 5, 40, 30, False, None, False, None)
+    ours = np.asarray(tr.apply_params(img, p)).astype(int)
+    ref = np.asarray(TF.resized_crop(img, 10, 5, 40, 30, [16, 16])).astype(int)
+    assert np.abs(ours - ref)[1:-1, 1:-1].max() <= 1
+    assert np.abs(ours - ref).mean() < 1.0
+
+
+# ------------------------------------------------ per-crop random operations
+def test_horizontal_flip_rate():
+    n = 500
+    img = Image.fromarray(np.tile(np.linspace(0, 255, 8, dtype=np.uint8)[None, :, None], (8, 1, 3)))
+    tr = full_image(n, 8)  # jitter/grayscale/blur at recipe values
+    torch.manual_seed(11)
+    out = torch.stack(tr(img))
+    flipped = out[..., :4].sum((1, 2, 3)) > out[..., 4:].sum((1, 2, 3))
+    assert_rate(int(flipped.sum()), n, 0.5)
+
+
+def test_flip_is_mirror_and_disabled_by_zero():
+    img = rgb_noise(8, 8)
+    ref = np.asarray(img)
+    torch.manual_seed(0)
+    (a,) = full_image(1, 8, flip_p=1.0, color_jitter_p=0.0, grayscale_p=0.0,
+                      blur_p=0.0, normalize=False)(img)
+    assert np.array_equal(to_uint8(a), ref[:, ::-1])
+    (b,) = full_image(1, 8, flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0,
+                      blur_p=0.0, normalize=False)(img)
+    assert np.array_equal(to_uint8(b), ref)
+
+
+def test_color_jitter_rate():
+    n = 600
+    img = rgb_noise(8, 8, seed=1)
+    tr = full_image(n, 8, flip_p=0.0, grayscale_p=0.0, blur_p=0.0, normalize=False)
+    torch.manual_seed(12)
+    out = tr(img)
+    ref = np.asarray(img)
+    changed = sum(not np.array_equal(to_uint8(t), ref) for t in out)
+    assert_rate(changed, n, 0.8)
+
+
+def test_color_jitter_factor_ranges_and_order():
+    n = 2000
+    tr = make(nmb_crops=[n], size_crops=[8], min_scale_crops=[0.14], max_scale_crops=[1.0])
+    torch.manual_seed(13)
+    jit = [p.jitter for p in tr.sample_params(64, 64) if p.jitter is not None]
+    assert_rate(len(jit), n, 0.8)
+    f = np.array([[j.brightness, j.contrast, j.saturation, j.hue] for j in jit])
+    lo = np.array([0.2, 0.2, 0.2, -0.2])
+    hi = np.array([1.8, 1.8, 1.8, 0.2])
+    assert (f >= lo).all() and (f <= hi).all()
+    m = len(jit)
+    assert np.all(np.abs(f.mean(0) - (lo + hi) / 2) <= Z * (hi - lo) / math.sqrt(12 * m))
+    assert (f.min(0) < lo + 0.02 * (hi - lo)).all() and (f.max(0) > hi - 0.02 * (hi - lo)).all()
+    orders = [j.order for j in jit]
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    first = np.bincount([o[0] for o in orders], minlength=4) / m
+    assert np.all(np.abs(first - 0.25) <= Z * math.sqrt(0.25 * 0.75 / m))
+    assert len(set(orders)) == 24
+
+
+def test_color_jitter_strength_scales_ranges():
+    one = {"min_scale_crops": [0.14], "max_scale_crops": [1.0]}
+    tr = make(nmb_crops=[500], size_crops=[8], color_jitter_strength=0.5, **one)
+    torch.manual_seed(14)
+    f = np.array([[j.brightness, j.hue] for j in
+                  (p.jitter for p in tr.sample_params(64, 64)) if j is not None])
+    assert f[:, 0].min() >= 0.6 and f[:, 0].max() <= 1.4 and f[:, 0].max() > 1.35
+    assert np.abs(f[:, 1]).max() <= 0.1 and np.abs(f[:, 1]).max() > 0.095
+    tr0 = make(nmb_crops=[50], size_crops=[8], color_jitter_strength=0.0, **one)
+    assert all(p.jitter is None for p in tr0.sample_params(64, 64))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)])
+def test_jitter_gray_blur_flip_equal_torchvision_ops(order):
+    img = rgb_noise(12, 12, seed=3)
+    tr = full_image(1, 12)
+    j = T.JitterParams(order, 1.37, 0.61, 1.52, -0.13)
+    p = T.CropParams(12, 0, 0, 12, 12, True, j, True, 0.8)
+    ours = tr.apply_params(img, p)
+    ref = TF.hflip(img)
+    fns = [
+        lambda x: TF.adjust_brightness(x, j.brightness),
+        lambda x: TF.adjust_contrast(x, j.contrast),
+        lambda x: TF.adjust_saturation(x, j.saturation),
+        lambda x: TF.adjust_hue(x, j.hue),
+    ]
+    for fn in order:
+        ref = fns[fn](ref)
+    no_gray = tr.apply_params(img, p._replace(grayscale=False, blur_radius=None))
+    assert np.array_equal(np.asarray(no_gray), np.asarray(ref))
+    ref = TF.rgb_to_grayscale(ref, num_output_channels=3).filter(ImageFilter.GaussianBlur(0.8))
+    ours3 = np.repeat(np.asarray(ours)[:, :, None], 3, axis=2)
+    assert np.array_equal(ours3, np.asarray(ref))
+
+
+def test_hue_shift_bit_exact_with_torchvision_for_every_shift():
+    # colour grid incl. greys, primaries, ties between channels, 0 and 255
+    levels = np.array([0, 1, 2, 15, 42, 43, 85, 127, 128, 170, 212, 213, 250, 254, 255])
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    noise = np.random.default_rng(5).integers(0, 256, (75 * 45 - len(grid), 3))
+    img = Image.fromarray(np.concatenate([grid, noise]).astype(np.uint8).reshape(75, 45, 3))
+    for k in range(-127, 128):  # every shift torchvision can produce
+        hue = (k + (0.5 if k >= 0 else -0.5)) / 255.0
+        hue = min(max(hue, -0.5), 0.5)
+        ours = np.asarray(T._adjust_hue(img, hue))
+        ref = np.asarray(TF.adjust_hue(img, hue))
+        assert np.array_equal(ours, ref), f"hue {hue}"
+
+
+def test_dataloader_workers_collate_and_reproducible():
+    tr = make(nmb_crops=[2, 2], size_crops=[16, 8])
+    imgs = [rgb_noise(20, 24, seed=i) for i in range(4)]
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"data": tr(imgs[i]), "label": [i] * 4, "data_valid": [1] * 4,
+                    "data_idx": [i] * 4}
+
+    def run(seed):
+        loader = torch.utils.data.DataLoader(
+            DS(), batch_size=2, num_workers=1, collate_fn=T.swav_plugin_multicrop_collator,
+            generator=torch.Generator().manual_seed(seed), multiprocessing_context="fork",
+        )
+        return list(loader)
+
+    a, b, c = run(0), run(0), run(1)
+    assert [tuple(t.shape) for t in a[0]["data"][0]] == [(2, 3, 16, 16)] * 2 + [(2, 3, 8, 8)] * 2
+    assert a[1]["data_idx"][0].tolist() == [2, 3] * 4
+    for x, y in zip(a, b):
+        assert all(torch.equal(s, t) for s, t in zip(x["data"][0], y["data"][0]))
+    assert not all(torch.equal(s, t) for s, t in zip(a[0]["data"][0], c[0]["data"][0]))
+
+
+def test_grayscale_rate():
+    n = 600
+    img = rgb_noise(8, 8, seed=2)
+    tr = full_image(n, 8, normalize=False)  # jitter, flip, blur at recipe values
+    torch.manual_seed(15)
+    out = torch.stack(tr(img))
+    gray = ((out[:, 0] == out[:, 1]) & (out[:, 1] == out[:, 2])).flatten(1).all(1)
+    assert_rate(int(gray.sum()), n, 0.2)
+
+
+def test_blur_rate_and_radius():
+    n = 500
+    img = rgb_noise(16, 16, seed=4)
+    tr = full_image(n, 16, flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, normalize=False)
+    torch.manual_seed(16)
+    out = tr(img)
+    torch.manual_seed(16)
+    params = tr.sample_params(16, 16)
+    ref = np.asarray(img)
+    blurred = [not np.array_equal(to_uint8(t), ref) for t in out]
+    assert_rate(sum(blurred), n, 0.5)
+    radii = []
+    for t, p, b in zip(out, params, blurred):
+        assert b == (p.blur_radius is not None)
+        if b:
+            expect = np.asarray(img.filter(ImageFilter.GaussianBlur(p.blur_radius)))
+            assert np.array_equal(to_uint8(t), expect)
+            radii.append(p.blur_radius)
+    radii = np.array(radii)
+    assert radii.min() >= 0.1 and radii.max() <= 2.0
+    sd = 1.9 / math.sqrt(12)
+    assert abs(radii.mean() - 1.05) <= Z * sd / math.sqrt(len(radii))
+    assert radii.min() < 0.15 and radii.max() > 1.95
+    # output-based radius estimate: nearest of a grid of PIL blurs
+    grid = np.arange(0.1, 2.0001, 0.05)
+    bank = np.stack([np.asarray(img.filter(ImageFilter.GaussianBlur(float(r)))) for r in grid]).astype(int)
+    outs = np.stack([to_uint8(t) for t, b in zip(out, blurred) if b]).astype(int)
+    est = grid[np.abs(outs[:, None] - bank[None]).sum((2, 3, 4)).argmin(1)]
+    assert np.all(np.abs(est - radii) <= 0.051)
+
+
+def test_normalisation_of_constant_image():
+    v = np.array([10, 128, 250], dtype=np.uint8)
+    img = Image.fromarray(np.tile(v, (12, 12, 1)))
+    tr = make(nmb_crops=[2, 3], size_crops=[8, 4], color_jitter_p=0.0, grayscale_p=0.0)
+    assert tr.mean == RECIPE_MEAN and tr.std == RECIPE_STD
+    expected = (torch.tensor(v / 255.0) - torch.tensor(RECIPE_MEAN)) / torch.tensor(RECIPE_STD)
+    torch.manual_seed(17)
+    for t in tr(img):
+        assert torch.allclose(t, expected.float().view(3, 1, 1).expand_as(t), atol=1e-5)
+    custom = full_image(1, 4, color_jitter_p=0.0, grayscale_p=0.0,
+                        mean=[0.5, 0.5, 0.5], std=[0.5, 0.25, 1.0])
+    (t,) = custom(img)
+    exp = (torch.tensor(v / 255.0) - 0.5) / torch.tensor([0.5, 0.25, 1.0])
+    assert torch.allclose(t, exp.float().view(3, 1, 1).expand_as(t), atol=1e-5)
+
+
+def test_unnormalised_output_equals_to_tensor():
+    img = rgb_noise(8, 8)
+    (t,) = full_image(1, 8, flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0,
+                      blur_p=0.0, normalize=False)(img)
+    assert torch.equal(t, ToTensor()(img))
+
+
+# ------------------------------------------------------------- determinism
+def test_same_seed_same_crops_and_only_torch_rng_used():
+    img = rgb_noise(40, 50)
+    tr = make(nmb_crops=[2, 4], size_crops=[16, 8])
+    torch.manual_seed(123)
+    random.seed(1)
+    np.random.seed(1)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    a = tr(img)
+    assert random.getstate() == py_state
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    torch.manual_seed(123)
+    random.seed(2)
+    np.random.seed(2)
+    b = tr(img)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    torch.manual_seed(124)
+    c = tr(img)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+# ------------------------------------------------------- config validation
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        ({"min_scale_crops": [0.14]},
+         r"nmb_crops, size_crops, min_scale_crops, max_scale_crops must have the same length, got 2, 2, 1, 2"),
+        ({"min_scale_crops": [0.5, 0.05], "max_scale_crops": [0.4, 0.14]}, r"min_scale_crops\[0\].*max_scale_crops\[0\]"),
+        ({"min_scale_crops": [0.0, 0.05]}, r"min_scale_crops\[0\] must be in \(0, 1\]"),
+        ({"max_scale_crops": [1.0, 1.5]}, r"max_scale_crops\[1\] must be in \(0, 1\]"),
+        ({"size_crops": [224, 0]}, r"size_crops\[1\] must be >= 1"),
+        ({"nmb_crops": [0, 6]}, r"nmb_crops\[0\] must be >= 1"),
+        ({"nmb_crops": [2.5, 6]}, r"nmb_crops must contain integers"),
+        ({"flip_p": 1.5}, r"flip_p must be a probability"),
+        ({"grayscale_p": -0.1}, r"grayscale_p must be a probability"),
+        ({"blur_p": 2}, r"blur_p must be a probability"),
+        ({"color_jitter_p": 1.01}, r"color_jitter_p must be a probability"),
+        ({"color_jitter_strength": -1}, r"color_jitter_strength"),
+        ({"blur_radius": [2.0, 0.1]}, r"blur_radius"),
+        ({"ratio": [0.0, 1.0]}, r"ratio"),
+        ({"std": [0.2, 0.0, 0.2]}, r"std"),
+        ({"mean": [0.5, 0.5]}, r"mean"),
+        ({"nmb_crop": [2, 6]}, r"unknown config key\(s\) nmb_crop"),
+        ({"size_crops": 224}, r"size_crops must be a list"),
+        ({"mean": "0.5"}, r"mean must be a list"),
+    ],
+)
+def test_config_validation_names_key(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern) as err:
+        make(**overrides)
+    assert "SwavPluginMultiCrop" in str(err.value)
+    assert "config.DATA" in str(err.value)  # where to fix it
+
+
+def test_config_missing_key_and_vissl_path():
+    with pytest.raises(ValueError, match="missing required key max_scale_crops"):
+        T.SwavPluginMultiCrop.from_config(
+            {"nmb_crops": [2], "size_crops": [8], "min_scale_crops": [0.1]}
+        )
+    bad = dict(VISSL_CFG, flip_p=3)
+    with pytest.raises(ValueError, match="flip_p"):
+        get_transform([bad])
+    # the wrapper key `indices` is tolerated by from_config
+    T.SwavPluginMultiCrop.from_config(dict(VISSL_CFG, indices=[0]))
+
+
+def test_defaults_are_recipe_values():
+    tr = make()
+    assert tr.color_jitter_strength == 1.0 and tr.color_jitter_p == 0.8
+    assert tr.grayscale_p == 0.2 and tr.blur_p == 0.5 and tr.flip_p == 0.5
+    assert tr.blur_radius == (0.1, 2.0)
+    assert tr.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert tr.mean == RECIPE_MEAN and tr.std == RECIPE_STD
+    assert tr.normalize is True

@@ -1,6 +1,6 @@
 """SwAV's optimizer (SGD + LARC, no Apex) and learning-rate schedule for VISSL.
 
-Recipe (``/work/shared/recipes/model_zoo.md``, "Shared by all SwAV rows"):
+Recipe (``docs/recipe.md``, "Shared by all SwAV rows"):
 
 * ``optimizer`` row: "SGD momentum 0.9 wrapped by LARC: trust_coefficient
   0.001, clip False, eps 1e-8";

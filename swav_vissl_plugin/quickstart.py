@@ -17,7 +17,8 @@ seed. Everything goes into one output folder: VISSL's checkpoints and logs,
 import gzip
 import json
 import logging
-import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -157,24 +158,27 @@ def final_checkpoint(checkpoint_dir: Path) -> Path:
 
 def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
     from swav_vissl_plugin.config import compose, describe
-    from swav_vissl_plugin.launcher import launch
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"[quickstart] output folder: {output_dir}", flush=True)
     splits = prepare_image_folder(output_dir.parent / "quickstart-data")
     ckpt_dir = output_dir / "checkpoints"
-    args, config = compose(
-        [
-            "config=swav_plugin/pretrain/swav_quickstart",
-            f"config.DATA.TRAIN.DATA_PATHS=[{splits['train']}]",
-            f"config.CHECKPOINT.DIR={ckpt_dir}",
-            *overrides,
-        ]
-    )
+    overrides = [
+        "config=swav_plugin/pretrain/swav_quickstart",
+        f"config.DATA.TRAIN.DATA_PATHS=[{splits['train']}]",
+        f"config.CHECKPOINT.DIR={ckpt_dir}",
+        *overrides,
+    ]
+    # Composed here first so a bad override stops before anything runs.
+    _, config = compose(overrides, dump_config=False)
     print(f"[quickstart] {describe(config)}", flush=True)
     t0 = time.time()
-    launch(config)
+    # The launcher runs in its own process, as `make quickstart` users would
+    # run it; VISSL's logs (stdout.json) are complete once it exits.
+    proc = subprocess.run([sys.executable, "-m", "swav_vissl_plugin.launcher", *overrides])
+    if proc.returncode != 0:
+        raise RuntimeError(f"pretraining failed (exit code {proc.returncode}); see {ckpt_dir}/log.txt")
     pretrain_s = time.time() - t0
     ckpt = final_checkpoint(ckpt_dir)
     print(f"[quickstart] pretraining done in {pretrain_s:.0f}s: {ckpt}", flush=True)

@@ -4,7 +4,7 @@ Nothing here depends on VISSL: only ``torch`` and ``torch.distributed``. The
 VISSL loss (:mod:`swav_vissl_plugin.losses.swav`) only combines these
 functions with its queue.
 
-Recipe (``model_zoo.md``, "Shared by all SwAV rows"): ``temperature 0.1``,
+Recipe (``docs/recipe.md``, "Shared by all SwAV rows"): ``temperature 0.1``,
 ``epsilon 0.05``, ``sinkhorn_iterations 3``, ``crops_for_assign 0 1``;
 queue (rows 5, 6, 14): the queue's prototype scores, computed with the current
 prototypes, are prepended to the batch's before Sinkhorn and only the batch's
@@ -193,7 +193,7 @@ def sinkhorn_knopp(
     epsilon).T``, divided by its total sum, then ``iterations`` times each
     prototype's row divided by its sum and by ``K``, each sample's column by
     its sum and by ``B``; finally ``Q * B`` transposed. Recipe
-    (``model_zoo.md``): ``epsilon 0.05``, ``sinkhorn_iterations 3``.
+    (``docs/recipe.md``): ``epsilon 0.05``, ``sinkhorn_iterations 3``.
 
     Args:
         scores: ``(B, K)`` prototype scores of this rank's samples, any float

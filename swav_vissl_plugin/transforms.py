@@ -7,7 +7,7 @@ as ``"SwavPluginMultiCrop"``) turns one PIL image into ``sum(nmb_crops)``
 normalised ``float32`` tensors of shape ``(3, size, size)``: first the
 ``nmb_crops[0]`` crops of ``size_crops[0]``, then those of ``size_crops[1]``,
 and so on.  Each crop independently goes through the per-crop chain of the SwAV
-release, i.e. the recipe line (``/work/shared/recipes/model_zoo.md``, row
+release, i.e. the recipe line (``docs/recipe.md``, row
 "augmentation per crop")::
 
     RandomResizedCrop(size, scale=(min,max)), RandomHorizontalFlip(0.5),
@@ -75,7 +75,7 @@ _CONFIG_HINT = (
     f"name: {TRANSFORM_NAME})"
 )
 
-# Recipe defaults (SwAV release; model_zoo.md "augmentation per crop").
+# Recipe defaults (SwAV release; docs/recipe.md "augmentation per crop").
 _DEFAULTS: Dict[str, Any] = {
     "color_jitter_strength": 1.0,
     "color_jitter_p": 0.8,
@@ -341,7 +341,7 @@ class SwavPluginMultiCrop(ClassyTransform):
     """SwAV multi-crop: one PIL image -> ``sum(nmb_crops)`` normalised crops.
 
     Crop ``k`` of config entry ``g`` is ``size_crops[g]`` square and goes
-    through the recipe chain (model_zoo.md, "augmentation per crop"):
+    through the recipe chain (docs/recipe.md, "augmentation per crop"):
     ``RandomResizedCrop(size, scale=(min_scale_crops[g], max_scale_crops[g]),
     ratio) -> RandomHorizontalFlip(flip_p) -> RandomApply(ColorJitter(0.8s,
     0.8s, 0.8s, 0.2s), color_jitter_p) -> RandomGrayscale(grayscale_p) ->

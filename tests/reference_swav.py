@@ -1,6 +1,6 @@
 """An independent, deliberately plain reference of SwAV, for the tests.
 
-Written from the recipe text (``/work/shared/recipes/model_zoo.md``) and the
+Written from the recipe text (``docs/recipe.md``) and the
 SwAV release's description of Sinkhorn-Knopp; it does NOT import the plugin.
 Everything is float64, with one log_softmax per (assign crop, other crop) pair
 and a list-based queue. Slow on purpose: clarity over speed.

@@ -1,6 +1,6 @@
 """LARC optimizer ``swav_plugin_larc`` vs an independent reference.
 
-Reference, written from the recipe text (model_zoo.md, "optimizer" row: "SGD
+Reference, written from the recipe text (docs/recipe.md, "optimizer" row: "SGD
 momentum 0.9 wrapped by LARC: trust_coefficient 0.001, clip False, eps 1e-8";
 "wd" row: "1e-6 (applied to every parameter, biases and BN included)"), in the
 Apex LARC formulation the SwAV release used. Per parameter w with gradient g

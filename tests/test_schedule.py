@@ -1,6 +1,6 @@
 """SwAV warmup + cosine learning-rate schedule vs an independent reference.
 
-Reference, written from the recipe text (model_zoo.md, "lr schedule" row: "per
+Reference, written from the recipe text (docs/recipe.md, "lr schedule" row: "per
 iteration: linear warmup from start_warmup to base_lr over warmup_epochs (numpy
 linspace, endpoints included), then cosine from base_lr to final_lr over the
 remaining epochs"), as the SwAV release computes it:

@@ -1,7 +1,7 @@
 """SwAV loss for VISSL, registered as ``swav_plugin_loss``.
 
 The math lives in :mod:`swav_vissl_plugin.sinkhorn`; this class only adds what
-needs state: the embedding queue of the small-batch recipes (``model_zoo.md``
+needs state: the embedding queue of the small-batch recipes (``docs/recipe.md``
 rows 5, 6 and 14) and its checkpointing.
 
 Config (``LOSS.swav_plugin_loss``; names are the SwAV release's arguments,

@@ -20,7 +20,7 @@ with the offending key.
 
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 SWAV_LOSS = "swav_plugin_loss"
 MULTICROP = "SwavPluginMultiCrop"
@@ -238,11 +238,25 @@ def describe(cfg) -> str:
     return "; ".join(parts)
 
 
+#: loss name -> function(cfg) completing and checking that loss's config in place.
+LOSS_INFERENCE: Dict[str, Callable[[Any], None]] = {SWAV_LOSS: _infer_swav_loss}
+
+
+def register_loss_inference(loss_name: str):
+    """Decorator: ``fn(cfg)`` completes/checks the config when ``LOSS.name == loss_name``."""
+
+    def wrap(fn):
+        LOSS_INFERENCE[loss_name] = fn
+        return fn
+
+    return wrap
+
+
 def infer_and_validate(cfg, auto_scale_lr: bool = False):
     """Check and complete a VISSL ``config`` (AttrDict) in place; returns it."""
     _check_registered(cfg)
-    if cfg.LOSS.name == SWAV_LOSS:
-        _infer_swav_loss(cfg)
+    if cfg.LOSS.name in LOSS_INFERENCE:
+        LOSS_INFERENCE[cfg.LOSS.name](cfg)
     _infer_lr(cfg, auto_scale_lr)
     return cfg
 

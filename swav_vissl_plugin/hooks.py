@@ -20,7 +20,7 @@ and is what the plugin's launcher hands to VISSL.
 """
 
 import logging
-from typing import List
+from typing import Any, Callable, Dict, List
 
 from classy_vision.hooks.classy_hook import ClassyHook
 
@@ -102,16 +102,33 @@ class WarmupCosineIterationsHook(_NoopHook):
             set_schedulers_iterations_per_epoch(task, task.num_batches_per_phase)
 
 
+#: loss name -> function(cfg) returning the hooks that loss needs.
+LOSS_HOOKS: Dict[str, Callable[[Any], List[ClassyHook]]] = {}
+
+
+def register_loss_hooks(loss_name: str):
+    """Decorator: ``fn(cfg) -> [hooks]`` runs whenever ``LOSS.name == loss_name``."""
+
+    def wrap(fn):
+        if loss_name in LOSS_HOOKS:
+            raise ValueError(f"hooks for loss {loss_name!r} already registered")
+        LOSS_HOOKS[loss_name] = fn
+        return fn
+
+    return wrap
+
+
+@register_loss_hooks("swav_plugin_loss")
+def _swav_hooks(cfg) -> List[ClassyHook]:
+    loss_cfg = cfg.LOSS["swav_plugin_loss"]
+    return [SwAVPrototypesHook(loss_cfg.get("freeze_prototypes_niters", 0)), SwAVQueueHook()]
+
+
 def plugin_hooks(cfg) -> List[ClassyHook]:
-    """The plugin's hooks for ``cfg`` (empty for losses it does not own)."""
+    """The plugin's hooks for ``cfg``: the schedule's, plus its loss's if any."""
     hooks: List[ClassyHook] = [WarmupCosineIterationsHook()]
-    name = cfg.LOSS.name
-    if name == "swav_plugin_loss":
-        loss_cfg = cfg.LOSS[name]
-        hooks += [
-            SwAVPrototypesHook(loss_cfg.get("freeze_prototypes_niters", 0)),
-            SwAVQueueHook(),
-        ]
+    if cfg.LOSS.name in LOSS_HOOKS:
+        hooks += LOSS_HOOKS[cfg.LOSS.name](cfg)
     return hooks
 
 
@@ -120,6 +137,6 @@ def swav_plugin_hook_generator(cfg) -> List[ClassyHook]:
     # Imported here as VISSL's launcher does: submitit jobs must import it late.
     from vissl.hooks import default_hook_generator
 
-    hooks = default_hook_generator(cfg) + plugin_hooks(cfg)
-    logging.info("swav_vissl_plugin hooks: %s", [type(h).__name__ for h in plugin_hooks(cfg)])
-    return hooks
+    ours = plugin_hooks(cfg)
+    logging.info("swav_vissl_plugin hooks: %s", [type(h).__name__ for h in ours])
+    return default_hook_generator(cfg) + ours

@@ -1,7 +1,9 @@
 """End to end through VISSL's real trainer: 2 gloo ranks on CPU.
 
 The run uses the quickstart config on a 384-image slice of its real image
-folder, 2 ranks x 16 images, 8 crops... (2x28 + 4x14), 2 epochs.
+folder: 2 ranks x 16 images, 2x28 + 4x14 crops, 2 epochs of 12 iterations,
+prototypes frozen for 4 iterations, and a queue of 64 embeddings (2 global
+batches) that starts at epoch 1.
 """
 
 import json
@@ -38,6 +40,8 @@ def trained(tmp_path_factory, mnist_folder):
             "config.OPTIMIZER.param_schedulers.lr.warmup_epochs=0",
             "config.OPTIMIZER.param_schedulers.lr.base_lr=4.8",
             f"config.LOSS.swav_plugin_loss.freeze_prototypes_niters={FREEZE}",
+            "config.LOSS.swav_plugin_loss.queue_length=64",
+            "config.LOSS.swav_plugin_loss.epoch_queue_starts=1",
             f"config.CHECKPOINT.DIR={ckpt}",
             "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1",
             "config.LOG_FREQUENCY=1",
@@ -93,3 +97,16 @@ def test_checkpoint_loads_back(trained):
     assert torch.allclose(protos.norm(dim=1), torch.ones(protos.shape[0]), atol=1e-5)
     # the loss state (queue) travels with the checkpoint
     assert "loss" in state
+
+
+def test_queue_starts_fills_and_is_checkpointed(trained):
+    _, ckpt = trained
+    for rank in (0, 1):
+        used = [r["queue_in_use"] for r in _records(ckpt, rank)]
+        # epoch 0: no queue; epoch 1: created, filled by 2 iterations of 16, then used
+        assert used == [False] * 12 + [False, False] + [True] * 10, used
+    state = torch.load(sorted(ckpt.glob("model_final_checkpoint_phase*.torch"))[-1], weights_only=True)
+    queue = state["loss"]["queue"]
+    assert tuple(queue.shape) == (2, 2, 32, 64)  # ranks, assign crops, 64 / 2 ranks, feat_dim
+    assert state["loss"]["queue_filled"] == 32
+    assert torch.allclose(queue.norm(dim=-1), torch.ones(2, 2, 32), atol=1e-5)  # L2-normalised embeddings

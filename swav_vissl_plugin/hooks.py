@@ -14,6 +14,9 @@ meet the trainer, so that no component reaches into another:
 * :class:`WarmupCosineIterationsHook`: gives the warmup+cosine schedule the
   number of iterations per epoch, so it equals the release's per-iteration
   array exactly (recipe "lr schedule" row).
+* the monitoring hooks of :mod:`swav_vissl_plugin.monitoring` (TensorBoard
+  signals, collapse warning, cluster sizes) and :mod:`swav_vissl_plugin.knn`
+  (kNN monitor), as ``config.SWAV_PLUGIN.MONITOR`` asks.
 
 :func:`swav_plugin_hook_generator` returns VISSL's default hooks plus these,
 and is what the plugin's launcher hands to VISSL.
@@ -125,10 +128,16 @@ def _swav_hooks(cfg) -> List[ClassyHook]:
 
 
 def plugin_hooks(cfg) -> List[ClassyHook]:
-    """The plugin's hooks for ``cfg``: the schedule's, plus its loss's if any."""
+    """The plugin's hooks for ``cfg``: the schedule's, its loss's if any, then
+    the monitors of ``config.SWAV_PLUGIN.MONITOR``
+    (:func:`swav_vissl_plugin.monitoring.monitoring_hooks`; after the loss's
+    hooks, so they see each step's finished state)."""
+    from swav_vissl_plugin.monitoring import monitoring_hooks
+
     hooks: List[ClassyHook] = [WarmupCosineIterationsHook()]
     if cfg.LOSS.name in LOSS_HOOKS:
         hooks += LOSS_HOOKS[cfg.LOSS.name](cfg)
+    hooks += monitoring_hooks(cfg)
     return hooks
 
 

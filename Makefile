@@ -35,6 +35,10 @@ quickstart: install
 test: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
 
+# Tests marked `slow` (pytest.ini deselects them from `make test`); CI runs both.
+test-slow: install
+	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS) tests
+
 bench: install
 	$(VPY) benchmarks/run_all.py
 

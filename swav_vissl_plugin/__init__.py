@@ -11,11 +11,15 @@ from swav_vissl_plugin import compat
 compat.apply_all()
 
 from swav_vissl_plugin import (  # noqa: E402  (registration must follow the patches)
+    cluster_hooks,
+    clustering,
     heads,
     hooks,
+    linear_eval,
     losses,
     optim,
     transforms,
+    train_step,
     trunks,
 )
 
@@ -23,11 +27,12 @@ __version__ = "0.1.0"
 
 #: The names this plugin adds to VISSL's registries, by registry.
 REGISTERED = {
-    "loss": ["swav_plugin_loss"],
-    "model_head": ["swav_plugin_head"],
+    "loss": ["swav_plugin_loss", "deepclusterv2_plugin_loss", "selav2_plugin_loss"],
+    "model_head": ["swav_plugin_head", "swav_plugin_linear"],
     "model_trunk": ["swav_plugin_small_cnn"],
     "transform": ["SwavPluginMultiCrop"],
     "collator": ["swav_plugin_multicrop_collator"],
     "optimizer": ["swav_plugin_larc"],
     "param_scheduler": ["swav_plugin_warmup_cosine"],
+    "train_step": ["swav_plugin_train_step"],
 }

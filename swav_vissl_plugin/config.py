@@ -12,10 +12,40 @@ config.KEY=value ...``) followed by VISSL's own inference and then
   per-rank queue length, the output folder) and checks them;
 * applies the linear learning-rate scaling rule to the warmup+cosine
   schedule when ``auto_lr_scaling.auto_scale`` is on (recipe: 0.3 per 256
-  gives 4.8 at 4096; ``final_lr`` keeps its ratio to ``base_lr``).
+  gives 4.8 at 4096; ``final_lr`` keeps its ratio to ``base_lr``);
+* keeps a model-zoo row's recipe on any number of GPUs (see "Scaling rules"
+  below) and says what it changed (:func:`describe`, :func:`recipe_warnings`);
+* stops configs that VISSL would only reject once training starts (mixed
+  precision or SyncBN on CPU, Apex AMP without Apex, an AMP dtype the train
+  step ignores).
 
 Every error is a :class:`ConfigError` (a ``ValueError``) whose message starts
 with the offending key.
+
+Scaling rules (a row launched on other than its published number of GPUs)
+-------------------------------------------------------------------------
+A model-zoo row states its published global batch in
+``SWAV_PLUGIN.RECIPE_GLOBAL_BATCH`` (4096 for 64 GPUs x 64; 256 for the bs256
+rows; 2560 for RN50-w4). Launched with another ``DISTRIBUTED.NUM_NODES x
+NUM_PROC_PER_NODE``, the composed config
+
+* keeps ``DATA.TRAIN.BATCHSIZE_PER_REPLICA`` (the global batch changes);
+* keeps the row's learning rate *per 256 images*: ``auto_lr_scaling`` is on
+  with ``base_value`` = the row's base_lr x 256 / its global batch (0.3 for
+  4.8 at 4096, 0.6 for 0.6 at 256, 0.48 for 4.8 at 2560); ``final_lr`` keeps
+  its ratio to ``base_lr``; ``start_warmup`` is not scaled. ``base_lr`` in the
+  file must equal ``base_value`` at the published batch (checked, so a row
+  cannot state one LR and train another);
+* keeps everything counted in iterations covering the same number of images
+  (epochs): the active loss's ``freeze_prototypes_niters`` is restated as
+  ``ceil(niters x RECIPE_GLOBAL_BATCH / global batch)`` (313 at 4096 -> 5008 at
+  256, 5005 at 256 -> 313 at 4096; rounded up so the freeze never covers fewer
+  images than the recipe's). The recipe value and the one used are recorded in
+  ``SWAV_PLUGIN.SCALED_ITERATIONS``;
+* keeps epochs, warmup epochs, ``epoch_queue_starts`` (epochs) and
+  ``queue_length`` (embeddings; trimmed to a multiple of the new global batch).
+
+Without ``RECIPE_GLOBAL_BATCH`` (e.g. the quickstart) nothing is rescaled.
 """
 
 import logging
@@ -26,6 +56,15 @@ SWAV_LOSS = "swav_plugin_loss"
 MULTICROP = "SwavPluginMultiCrop"
 WARMUP_COSINE = "swav_plugin_warmup_cosine"
 PLUGIN_HEAD = "swav_plugin_head"
+PLUGIN_TRAIN_STEP = "swav_plugin_train_step"
+
+#: Keys of the active loss (``LOSS.<LOSS.name>.<key>``) counted in iterations.
+ITERATION_KEYS = ("freeze_prototypes_niters",)
+#: The smallest global batch the release trains without a queue (rows 1-4, 7, 13).
+SMALLEST_NO_QUEUE_BATCH = 4096
+#: What the release does at a small batch: rows swav_200ep_bs256 / swav_400ep_bs256.
+SMALL_BATCH_QUEUE = {"queue_length": 3840, "epoch_queue_starts": 15, "rows": ("swav_200ep_bs256", "swav_400ep_bs256")}
+AMP_DTYPES = ("float16", "bfloat16")
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +113,9 @@ def _check_registered(cfg) -> None:
     for i, head in enumerate(cfg.MODEL.HEAD.PARAMS):
         check(f"MODEL.HEAD.PARAMS[{i}][0]", head[0], MODEL_HEADS_REGISTRY)
     check("OPTIMIZER.name", cfg.OPTIMIZER.name, OPTIMIZER_REGISTRY)
+    from vissl.trainer.train_steps import TRAIN_STEP_REGISTRY
+
+    check("TRAINER.TRAIN_STEP_NAME", cfg.TRAINER.TRAIN_STEP_NAME, TRAIN_STEP_REGISTRY)
     for pname, sched in (cfg.OPTIMIZER.get("param_schedulers") or {}).items():
         if sched and "name" in sched:
             check(f"OPTIMIZER.param_schedulers.{pname}.name", sched["name"], PARAM_SCHEDULER_REGISTRY)
@@ -185,6 +227,102 @@ def _infer_swav_loss(cfg) -> None:
 
 
 # --------------------------------------------------------------------------
+# a row's recipe on another number of GPUs
+# --------------------------------------------------------------------------
+def recipe_global_batch(cfg) -> Optional[int]:
+    """``SWAV_PLUGIN.RECIPE_GLOBAL_BATCH`` (the row's published global batch), or None."""
+    plugin = cfg.get("SWAV_PLUGIN") or {}
+    ref = plugin.get("RECIPE_GLOBAL_BATCH")
+    if ref is None:
+        return None
+    if isinstance(ref, bool) or not isinstance(ref, int) or ref <= 0:
+        _fail("SWAV_PLUGIN.RECIPE_GLOBAL_BATCH", f"must be a positive integer or null, got {ref!r}")
+    return ref
+
+
+def scale_iterations(niters: int, recipe_batch: int, batch: int) -> int:
+    """``niters`` iterations at ``recipe_batch`` restated at ``batch`` images per
+    iteration, covering at least as many images: ``ceil(niters * recipe_batch / batch)``."""
+    return -(-int(niters) * int(recipe_batch) // int(batch))
+
+
+def _infer_recipe_scaling(cfg) -> None:
+    ref = recipe_global_batch(cfg)
+    if ref is None:
+        return
+    gbs = global_batch_size(cfg)
+    loss = cfg.LOSS.get(cfg.LOSS.name)
+    plugin = cfg.SWAV_PLUGIN
+    record = dict(plugin.get("SCALED_ITERATIONS") or {})
+    for name in ITERATION_KEYS:
+        if not loss or loss.get(name) is None:
+            continue
+        key = f"LOSS.{cfg.LOSS.name}.{name}"
+        # idempotent: a config inferred twice is scaled from the recipe's value once
+        recipe = record[key][0] if key in record else loss[name]
+        if isinstance(recipe, bool) or not isinstance(recipe, int) or recipe < 0:
+            _fail(key, f"must be an integer >= 0, got {recipe!r}")
+        loss[name] = scale_iterations(recipe, ref, gbs)
+        record[key] = [recipe, loss[name]]
+    plugin["SCALED_ITERATIONS"] = record
+    if loss and loss.get("queue_length") and plugin.get("RECIPE_QUEUE_LENGTH") is None:
+        plugin["RECIPE_QUEUE_LENGTH"] = loss["queue_length"]  # before trimming to the new global batch
+
+
+def _check_runtime(cfg) -> None:
+    """What VISSL would reject only once processes and models exist."""
+    amp = cfg.MODEL.AMP_PARAMS
+    on_cpu = cfg.MACHINE.DEVICE != "gpu"
+    dtype = amp.get("DTYPE", "float16")
+    if dtype not in AMP_DTYPES:
+        _fail("MODEL.AMP_PARAMS.DTYPE", f"must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
+    if amp.USE_AMP:
+        if on_cpu:
+            _fail("MODEL.AMP_PARAMS.USE_AMP", "VISSL runs mixed precision on GPU only; set it false with MACHINE.DEVICE=cpu")
+        if str(amp.AMP_TYPE).lower() == "apex":
+            from vissl.utils.misc import is_apex_available
+
+            if not is_apex_available():
+                _fail("MODEL.AMP_PARAMS.AMP_TYPE", "apex is not installed; use 'pytorch' (torch.amp)")
+        if dtype != "float16" and cfg.TRAINER.TRAIN_STEP_NAME != PLUGIN_TRAIN_STEP:
+            _fail(
+                "MODEL.AMP_PARAMS.DTYPE",
+                f"{dtype} needs TRAINER.TRAIN_STEP_NAME={PLUGIN_TRAIN_STEP} "
+                f"({cfg.TRAINER.TRAIN_STEP_NAME} always autocasts to float16)",
+            )
+    sync = cfg.MODEL.SYNC_BN_CONFIG
+    if sync.CONVERT_BN_TO_SYNC_BN and on_cpu:
+        _fail("MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN", "torch's SyncBatchNorm runs on GPU only; set it false with MACHINE.DEVICE=cpu")
+
+
+def recipe_warnings(cfg) -> List[str]:
+    """What a run of a model-zoo row does differently from the published run."""
+    ref = recipe_global_batch(cfg)
+    if ref is None:
+        return []
+    out = []
+    gbs = global_batch_size(cfg)
+    lr = cfg.OPTIMIZER.param_schedulers.lr
+    if gbs != ref and lr.get("name") == WARMUP_COSINE and not lr.auto_lr_scaling.auto_scale:
+        out.append(
+            f"global batch {gbs} differs from the recipe's {ref} but "
+            "OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale is false: "
+            f"the LR ({lr.base_lr:g}) is the recipe's LR for {ref} images, not scaled"
+        )
+    loss = cfg.LOSS.get(cfg.LOSS.name) or {}
+    if cfg.LOSS.name == SWAV_LOSS and not loss.get("queue_length") and gbs < SMALLEST_NO_QUEUE_BATCH:
+        q = SMALL_BATCH_QUEUE
+        out.append(
+            f"global batch {gbs} without a queue: the release trains without a queue only at "
+            f"{SMALLEST_NO_QUEUE_BATCH}, and small batches without one often collapse. Its "
+            f"batch-256 rows ({', '.join(q['rows'])}) use queue_length {q['queue_length']} from "
+            f"epoch {q['epoch_queue_starts']}: config.LOSS.{SWAV_LOSS}.queue_length={q['queue_length']} "
+            f"config.LOSS.{SWAV_LOSS}.epoch_queue_starts={q['epoch_queue_starts']}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
 # learning rate
 # --------------------------------------------------------------------------
 def _infer_lr(cfg, auto_scale: bool) -> None:
@@ -204,6 +342,20 @@ def _infer_lr(cfg, auto_scale: bool) -> None:
         scaling = lr.auto_lr_scaling
         if scaling.get("scaling_type", "linear") != "linear":
             _fail(f"{key}.auto_lr_scaling.scaling_type", "only 'linear' is supported for the SwAV recipe")
+        ref = recipe_global_batch(cfg)
+        if ref is not None:
+            plugin = cfg.SWAV_PLUGIN
+            if plugin.get("RECIPE_LR"):  # inferred before: scale from the file's values, once
+                lr["base_lr"], lr["final_lr"] = plugin.RECIPE_LR
+            at_ref = scale_lr(scaling.base_value, ref, scaling.base_lr_batch_size)
+            if not math.isclose(at_ref, lr.base_lr, rel_tol=1e-6):
+                _fail(
+                    f"{key}.base_lr",
+                    f"{lr.base_lr:g} at the recipe's global batch {ref} (SWAV_PLUGIN.RECIPE_GLOBAL_BATCH) "
+                    f"disagrees with auto_lr_scaling.base_value {scaling.base_value:g} per "
+                    f"{scaling.base_lr_batch_size} (= {at_ref:g} at {ref}); change both together",
+                )
+            plugin["RECIPE_LR"] = [float(lr.base_lr), float(lr.final_lr)]
         base = scale_lr(scaling.base_value, global_batch_size(cfg), scaling.base_lr_batch_size)
         ratio = lr.final_lr / lr.base_lr if lr.base_lr else 0.0
         lr["base_lr"] = float(base)
@@ -213,29 +365,68 @@ def _infer_lr(cfg, auto_scale: bool) -> None:
         cfg.OPTIMIZER.param_schedulers.lr_head = lr
 
 
-def describe(cfg) -> str:
-    """One line with the effective recipe values a run trains with."""
-    parts = [
-        f"world size {world_size(cfg)}",
-        f"global batch {global_batch_size(cfg)} ({cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA}/rank)",
-        f"epochs {cfg.OPTIMIZER.num_epochs}",
-    ]
+def describe(cfg, iterations_per_epoch: Optional[int] = None) -> str:
+    """The effective recipe a run trains with.
+
+    One line of values (world size, global batch, LR, crops, prototypes,
+    iteration-counted values and queue, each with the recipe's value where
+    the run differs from it), then one ``WARNING: ...`` line per
+    :func:`recipe_warnings` entry. With ``iterations_per_epoch`` (known once
+    the dataset is built; the plugin's train step logs this at the first
+    iteration) the iteration counts are also given in epochs.
+    """
+    gbs = global_batch_size(cfg)
+    ref = recipe_global_batch(cfg)
+    ipe = int(iterations_per_epoch) if iterations_per_epoch else None
+    batch = f"global batch {gbs} ({cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA}/rank)"
+    if ref is not None and ref != gbs:
+        batch += f", recipe {ref}"
+    parts = [f"world size {world_size(cfg)}", batch]
+    if ipe:
+        parts.append(f"{ipe} iterations per epoch")
+    parts.append(f"epochs {cfg.OPTIMIZER.num_epochs}")
     lr = cfg.OPTIMIZER.param_schedulers.lr
     if lr.get("name") == WARMUP_COSINE:
-        parts.append(
-            f"lr {lr.base_lr:g} -> {lr.final_lr:g}, warmup {lr.warmup_epochs} epochs from {lr.start_warmup:g}"
-        )
+        text = f"lr {lr.base_lr:g} -> {lr.final_lr:g}"
+        scaling = lr.auto_lr_scaling
+        if scaling.auto_scale:
+            text += f" ({scaling.base_value:g} per {scaling.base_lr_batch_size} images"
+            recipe_lr = (cfg.get("SWAV_PLUGIN") or {}).get("RECIPE_LR")
+            if recipe_lr and ref != gbs:
+                text += f"; recipe {recipe_lr[0]:g} -> {recipe_lr[1]:g} at {ref}"
+            text += ")"
+        parts.append(f"{text}, warmup {lr.warmup_epochs} epochs from {lr.start_warmup:g}")
+    loss = cfg.LOSS.get(cfg.LOSS.name) or {}
     if cfg.LOSS.name == SWAV_LOSS:
-        loss = cfg.LOSS[SWAV_LOSS]
         parts.append(f"crops {loss.num_crops}, assign {list(loss.crops_for_assign)}")
         parts.append(f"prototypes {list(loss.nmb_prototypes)}")
-        parts.append(f"freeze_prototypes_niters {loss.get('freeze_prototypes_niters', 0)}")
-        parts.append(
-            f"queue {loss.queue_length} total / {loss.local_queue_length} per rank from epoch {loss.get('epoch_queue_starts', 0)}"
-            if loss.queue_length
-            else "no queue"
-        )
-    return "; ".join(parts)
+    scaled = (cfg.get("SWAV_PLUGIN") or {}).get("SCALED_ITERATIONS") or {}
+    for name in ITERATION_KEYS:
+        if loss.get(name) is None:
+            continue
+        text = f"{name} {loss[name]}"
+        recipe = scaled.get(f"LOSS.{cfg.LOSS.name}.{name}")
+        if recipe and recipe[0] != loss[name]:
+            text += f" (recipe {recipe[0]} at {ref})"
+        if ipe:
+            text += f" = {loss[name] / ipe:.2f} epochs"
+        parts.append(text)
+    if cfg.LOSS.name == SWAV_LOSS:
+        if loss.queue_length:
+            n = loss.queue_length // gbs
+            text = (
+                f"queue {loss.queue_length} total / {loss.local_queue_length} per rank from epoch "
+                f"{loss.get('epoch_queue_starts', 0)} (= {n} global batch{'es' if n > 1 else ''}"
+            )
+            stated = (cfg.get("SWAV_PLUGIN") or {}).get("RECIPE_QUEUE_LENGTH")
+            if stated and stated != loss.queue_length:
+                text += f"; recipe {stated}, trimmed to a multiple of {gbs}"
+            parts.append(text + ")")
+        else:
+            parts.append("no queue")
+    lines = ["; ".join(parts)]
+    lines += [f"WARNING: {w}" for w in recipe_warnings(cfg)]
+    return "\n".join(lines)
 
 
 #: loss name -> function(cfg) completing and checking that loss's config in place.
@@ -255,9 +446,13 @@ def register_loss_inference(loss_name: str):
 def infer_and_validate(cfg, auto_scale_lr: bool = False):
     """Check and complete a VISSL ``config`` (AttrDict) in place; returns it."""
     _check_registered(cfg)
+    _check_runtime(cfg)
+    _infer_recipe_scaling(cfg)
     if cfg.LOSS.name in LOSS_INFERENCE:
         LOSS_INFERENCE[cfg.LOSS.name](cfg)
     _infer_lr(cfg, auto_scale_lr)
+    for warning in recipe_warnings(cfg):
+        logger.warning("%s", warning)
     return cfg
 
 

@@ -18,7 +18,8 @@ What this module adds to VISSL / ClassyVision
     ``OPTIMIZER.use_larc: false`` (it *is* LARC already). It reads
     ``OPTIMIZER.momentum``, ``OPTIMIZER.nesterov``, ``OPTIMIZER.weight_decay``
     and ``OPTIMIZER.larc_config.{trust_coefficient, eps, clip}`` (plus the
-    optional ``OPTIMIZER.larc_config.foreach``, default true).
+    optional ``OPTIMIZER.larc_config.foreach`` and ``fused_sgd``, both
+    default true).
 
 ``@register_param_scheduler("swav_plugin_warmup_cosine")`` -> :class:`SwavWarmupCosineParamScheduler`
     ``OPTIMIZER.param_schedulers.lr: {name: swav_plugin_warmup_cosine,
@@ -136,9 +137,10 @@ def _larc_foreach_(
     two device->host syncs per parameter the per-parameter ``!= 0`` tests
     cost). Phase 2 applies ``g += wd * p; g *= adaptive_lr`` with
     ``_foreach_mul`` / ``_foreach_add_`` / ``_foreach_mul_`` on the parameters
-    whose two norms are non-zero. The weight-decay product is materialised
-    (in bounded chunks) and then added, exactly like ``g += wd * p``, so no
-    fused multiply-add changes the rounding.
+    whose two norms are non-zero. The weight-decay product is rounded before
+    it is added, exactly like ``g += wd * p``, so no fused multiply-add
+    changes the rounding: on CPU with ``addcmul(g, p, 1, value=wd)`` (one
+    pass, no temporary), elsewhere materialised in bounded chunks and added.
     """
     buckets = []  # (wd, params, grads, device, offset, count)
     per_device: "OrderedDict[torch.device, List[torch.Tensor]]" = OrderedDict()
@@ -186,10 +188,17 @@ def _larc_foreach_(
         gs = [grads[i] for i in keep]
         scales = [ad_l[i] for i in keep]
         if wd != 0:
-            for a, b in _chunks_by_numel(ps, _WD_CHUNK_NUMEL):
-                decay = torch._foreach_mul(ps[a:b], wd)
-                torch._foreach_add_(gs[a:b], decay)
-                del decay
+            if device.type == "cpu":
+                # g += (wd * p) * 1 in one pass, without the temporary: the
+                # CPU addcmul kernel rounds wd * p (then * 1, exact) before
+                # adding it, i.e. exactly g += wd * p (no fused multiply-add).
+                one = torch.ones((), dtype=gs[0].dtype)
+                torch._foreach_addcmul_(gs, ps, [one] * len(gs), value=wd)
+            else:
+                for a, b in _chunks_by_numel(ps, _WD_CHUNK_NUMEL):
+                    decay = torch._foreach_mul(ps[a:b], wd)
+                    torch._foreach_add_(gs[a:b], decay)
+                    del decay
         torch._foreach_mul_(gs, scales)
 
 
@@ -276,7 +285,14 @@ class LARC:
         return self.optim.state_dict()
 
     def load_state_dict(self, state_dict):
+        # A checkpoint's param groups carry SGD's "fused" flag; keep this
+        # optimizer's choice (both compute the same update).
+        fused = [group.get("fused") for group in self.optim.param_groups]
         self.optim.load_state_dict(state_dict)
+        if len(fused) == len(self.optim.param_groups):
+            for group, flag in zip(self.optim.param_groups, fused):
+                if "fused" in group:
+                    group["fused"] = flag
 
     def zero_grad(self, set_to_none: bool = True):
         self.optim.zero_grad(set_to_none=set_to_none)
@@ -297,6 +313,7 @@ class LARC:
             with torch.enable_grad():
                 loss = closure()
         self.adjust_gradients_()
+        _align_fused_momentum_buffers_(self.optim)
         saved = []
         for group in self.optim.param_groups:
             saved.append(group.get("weight_decay", 0))
@@ -307,6 +324,38 @@ class LARC:
             for group, wd in zip(self.optim.param_groups, saved):
                 group["weight_decay"] = wd
         return loss
+
+
+def _align_fused_momentum_buffers_(optimizer) -> None:
+    """Lets ``torch.optim.SGD(fused=True)`` step a group in which some
+    parameters have a momentum buffer and others take their first step (the
+    prototypes after their freeze): torch's fused SGD treats a group as a
+    first step only when *no* parameter has a buffer, and fails otherwise.
+    The missing buffers are created as zeros, so that the parameter's first
+    update is ``buf = 0 * m + g = g``, ``p -= lr * buf``: what the
+    per-parameter SGD's first step (``buf = g``) computes. Only for
+    dampening 0 (then both are exact) and groups that step with ``fused``."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if not group.get("fused") or group.get("momentum", 0) == 0:
+            continue
+        if group.get("dampening", 0) != 0:
+            continue
+        missing, has_buffer = [], False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state.get(p)
+            if state is not None and state.get("momentum_buffer") is not None:
+                has_buffer = True
+            else:
+                missing.append(p)
+        if has_buffer:
+            for p in missing:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
 
 
 def _cfg_get(config: Mapping, key: str, default):
@@ -332,6 +381,31 @@ def _as_bool(value, key: str) -> bool:
     return value
 
 
+def _fused_sgd_ok(param_groups) -> bool:
+    """Whether ``torch.optim.SGD(fused=True)`` can take these parameters:
+    floating point, on CPU or CUDA.
+
+    The fused kernel computes the same update as the default per-parameter
+    SGD (``buf = m * buf + g``, ``p = p - lr * buf``; first step ``buf =
+    g``) in one pass over ``p``, ``g`` and ``buf`` instead of three (on CPU,
+    where the step is bound by memory traffic, the largest part of the LARC
+    step's time). Values: its vectorised body rounds exactly like the
+    per-parameter ops; the few trailing elements of a tensor that do not fill
+    a SIMD vector may be computed with a fused multiply-add, i.e. differ by
+    at most one rounding (1 ulp) per step. ``larc_config.fused_sgd: false``
+    keeps torch's default SGD."""
+    for group in param_groups:
+        params = group["params"] if isinstance(group, Mapping) else [group]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        for p in params:
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                return False
+            if p.device.type not in ("cpu", "cuda"):
+                return False
+    return True
+
+
 @register_optimizer(OPTIMIZER_NAME)
 class SwavPluginLARC(ClassyOptimizer):
     """ClassyVision optimizer ``swav_plugin_larc``: SGD wrapped by :class:`LARC`.
@@ -346,7 +420,7 @@ class SwavPluginLARC(ClassyOptimizer):
     ``name: swav_plugin_larc``, ``use_larc: false`` (required: VISSL asserts Apex
     when true), ``momentum`` (default 0.9), ``nesterov`` (false),
     ``weight_decay`` (0.0), ``larc_config: {trust_coefficient: 0.001, eps: 1e-8,
-    clip: false, foreach: true}``; ``lr`` is optional (the ``lr`` param
+    clip: false, foreach: true, fused_sgd: true}``; ``lr`` is optional (the ``lr`` param
     scheduler sets it every step). Per-group ``lr`` / ``weight_decay`` come from
     the param groups VISSL builds.
 
@@ -365,6 +439,7 @@ class SwavPluginLARC(ClassyOptimizer):
         eps: float = DEFAULT_EPS,
         clip: bool = DEFAULT_CLIP,
         foreach: bool = True,
+        fused_sgd: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
@@ -390,8 +465,12 @@ class SwavPluginLARC(ClassyOptimizer):
         self._eps = eps
         self._clip = clip
         self._foreach = foreach
+        self._fused_sgd = fused_sgd
 
     def prepare(self, param_groups) -> None:
+        if not isinstance(param_groups, (list, tuple)):
+            param_groups = list(param_groups)
+        # fused_sgd: SGD's one-pass kernel (see _fused_sgd_ok).
         sgd = torch.optim.SGD(
             param_groups,
             lr=self._lr,
@@ -399,6 +478,7 @@ class SwavPluginLARC(ClassyOptimizer):
             dampening=0,
             weight_decay=self._weight_decay,
             nesterov=self._nesterov,
+            fused=True if self._fused_sgd and _fused_sgd_ok(param_groups) else None,
         )
         self.optimizer = LARC(
             sgd,
@@ -416,7 +496,7 @@ class SwavPluginLARC(ClassyOptimizer):
                 "(this optimizer is LARC already; VISSL's use_larc needs NVIDIA Apex)"
             )
         larc = _cfg_get(config, "larc_config", {}) or {}
-        known = {"trust_coefficient", "eps", "clip", "foreach"}
+        known = {"trust_coefficient", "eps", "clip", "foreach", "fused_sgd"}
         unknown = sorted(set(larc.keys()) - known)
         if unknown:
             raise ValueError(
@@ -438,6 +518,9 @@ class SwavPluginLARC(ClassyOptimizer):
             eps=_as_float(_cfg_get(larc, "eps", DEFAULT_EPS), "OPTIMIZER.larc_config.eps"),
             clip=_as_bool(_cfg_get(larc, "clip", DEFAULT_CLIP), "OPTIMIZER.larc_config.clip"),
             foreach=_as_bool(_cfg_get(larc, "foreach", True), "OPTIMIZER.larc_config.foreach"),
+            fused_sgd=_as_bool(
+                _cfg_get(larc, "fused_sgd", True), "OPTIMIZER.larc_config.fused_sgd"
+            ),
         )
 
 

@@ -11,7 +11,10 @@ pooled features of both splits; fit a multinomial logistic regression (the
 linear classifier) on ``train`` and report top-1 on ``val``, for the
 pretrained trunk and for the same trunk randomly initialised with the same
 seed. Everything goes into one output folder: VISSL's checkpoints and logs,
-``metrics.json`` and ``curves.png`` (loss and LR per logged iteration).
+``metrics.json``, ``curves.png`` (loss and LR per logged iteration), VISSL's
+TensorBoard logs (``checkpoints/tb_logs``, with the plugin's SwAV signals and
+the kNN monitor) and the prototype gallery of the held-out images
+(``prototype_gallery/``).
 """
 
 import gzip
@@ -132,6 +135,15 @@ def read_training_log(checkpoint_dir: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_knn_log(checkpoint_dir: Path) -> List[dict]:
+    """The kNN monitor's records (``knn_top1`` ...) from VISSL's ``metrics.json``."""
+    path = Path(checkpoint_dir) / "metrics.json"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "knn_top1" in r]
+
+
 def plot_curves(log: Sequence[dict], png: Path) -> None:
     import matplotlib
 
@@ -168,6 +180,9 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
         "config=swav_plugin/pretrain/swav_quickstart",
         f"config.DATA.TRAIN.DATA_PATHS=[{splits['train']}]",
         f"config.CHECKPOINT.DIR={ckpt_dir}",
+        "config.SWAV_PLUGIN.MONITOR.KNN.ENABLED=true",
+        f"config.SWAV_PLUGIN.MONITOR.KNN.TRAIN_PATH={splits['train']}",
+        f"config.SWAV_PLUGIN.MONITOR.KNN.VAL_PATH={splits['val']}",
         *overrides,
     ]
     # Composed here first so a bad override stops before anything runs.
@@ -195,6 +210,17 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
 
     log = read_training_log(ckpt_dir)
     plot_curves(log, output_dir / "curves.png")
+    knn = read_knn_log(ckpt_dir)
+    if knn:
+        print(f"[quickstart] kNN monitor top-1 (k=20, T=0.07) per evaluated epoch: "
+              + ", ".join(f"epoch {r['train_phase_idx']}: {r['knn_top1']:.1f}%" for r in knn), flush=True)
+
+    from swav_vissl_plugin.gallery import make_gallery
+
+    gallery = make_gallery(ckpt, splits["val"], output_dir / "prototype_gallery", config=config)
+    print(f"[quickstart] prototype gallery: {gallery['prototypes_used']}/{gallery['num_prototypes']} prototypes "
+          f"used on the held-out images, overall purity {100 * gallery['overall_purity']:.1f}%: "
+          f"{gallery['png']}, {gallery['html']}", flush=True)
     metrics = {
         "linear_probe_top1": results,
         "gain_points": results["pretrained"] - results["random_init"],
@@ -204,6 +230,8 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
         "train_images": int(len(train_y)),
         "val_images": int(len(val_y)),
         "recipe": describe(config),
+        "knn_monitor": knn,
+        "prototype_gallery": {k: gallery[k] for k in ("png", "html", "json", "prototypes_used", "overall_purity")},
         "training_log": log,
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -49,7 +49,7 @@ How :func:`sinkhorn_knopp` computes exactly this, faster and without overflow:
   approximation; float64 scores are still computed exactly.
 """
 
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ScoreProduct",
+    "SinkhornWorkspace",
     "distributed_is_on",
     "sinkhorn_codes",
     "sinkhorn_knopp",
@@ -116,6 +118,82 @@ def _prototype_sums(kernel: Tensor, col_scale: Tensor) -> Tensor:
     return sums
 
 
+#: Upper bound (elements) of one block of the kernel that is built and then
+#: swept while it is still in cache (see :func:`_sinkhorn`): 2**18 float32
+#: values = 1 MiB, one core's L2 on the development machine.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(sizes: Sequence[int], num_k: int):
+    """(part index, first row in part, last row in part, first global row)
+    for blocks of at most ``_SUM_BLOCK`` and about ``_BLOCK_ELEMENTS / K``
+    rows (at least 16) over parts of ``sizes`` rows, in row order."""
+    step = max(16, min(_SUM_BLOCK, _BLOCK_ELEMENTS // max(num_k, 1)))
+    blocks = []
+    offset = 0
+    for index, rows in enumerate(sizes):
+        for a in range(0, rows, step):
+            b = min(a + step, rows)
+            blocks.append((index, a, b, offset + a))
+        offset += rows
+    return blocks
+
+
+class ScoreProduct(NamedTuple):
+    """Scores ``embeddings @ weights.T`` that :func:`sinkhorn_codes` computes
+    block by block of rows inside Sinkhorn-Knopp, so that the ``(L, K)``
+    matrix (a queue's scores: 3840 x 3000 in the recipe) is never
+    materialised. The product is computed in the embeddings' dtype."""
+
+    embeddings: Tensor  # (L, D)
+    weights: Tensor  # (K, D)
+
+
+class SinkhornWorkspace:
+    """A reusable buffer for the ``rows x K`` kernel of Sinkhorn-Knopp.
+
+    On CPU every fresh tensor above glibc's mmap threshold (32 MiB at most)
+    is page-faulted in again on each call, which costs as much as an ``exp``
+    over it; a loss that runs every iteration keeps one of these (grown as
+    needed, never shrunk) and passes it to :func:`sinkhorn_codes`. The
+    buffer's content is scratch: nothing returned aliases it."""
+
+    def __init__(self) -> None:
+        self._buffer: Optional[Tensor] = None
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = rows * cols
+        buf = self._buffer
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            buf = self._buffer = None  # free before allocating the larger one
+            buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(rows, cols)
+
+    def clear(self) -> None:
+        self._buffer = None
+
+    @property
+    def nbytes(self) -> int:
+        buf = self._buffer
+        return 0 if buf is None else buf.numel() * buf.element_size()
+
+
+def _part_dtype(part) -> torch.dtype:
+    return part.embeddings.dtype if isinstance(part, ScoreProduct) else part.dtype
+
+
+def _part_shape(part) -> "tuple[int, int]":
+    if isinstance(part, ScoreProduct):
+        return int(part.embeddings.shape[0]), int(part.weights.shape[0])
+    return int(part.shape[0]), int(part.shape[1])
+
+
+def _part_rows(part, a: int, b: int) -> Tensor:
+    if isinstance(part, ScoreProduct):
+        return torch.mm(part.embeddings[a:b], part.weights.t())
+    return part[a:b]
+
+
 def _sinkhorn(
     scores: Tensor,
     epsilon: float,
@@ -126,56 +204,150 @@ def _sinkhorn(
     """Body of :func:`sinkhorn_knopp`; ``keep_last=n`` returns only the last
     ``n`` samples' codes (the batch behind a queue) and skips the final
     softmax of the others."""
-    n_local, num_k = scores.shape
-    dtype = _compute_dtype(scores.dtype)
+    return _sinkhorn_parts([scores], epsilon, iterations, distributed, keep_last)
+
+
+def _sinkhorn_parts(
+    parts: Sequence,
+    epsilon: float,
+    iterations: int,
+    distributed: bool,
+    keep_last: Optional[int] = None,
+    workspace: Optional[SinkhornWorkspace] = None,
+) -> Tensor:
+    """:func:`_sinkhorn` on the row-wise concatenation of ``parts`` (score
+    tensors or :class:`ScoreProduct`, e.g. a queue's then the batch's),
+    without materialising it.
+
+    Same arithmetic as the algorithm of the module docstring, organised for
+    memory traffic: the kernel ``P = exp((s - m_b) / epsilon)`` is built
+    block by block of rows (each block's scores, maximum, shift, division and
+    ``exp`` while it is in cache, and its contribution to the first
+    per-prototype sums taken there), and each further iteration is a single
+    sweep over the blocks that computes the block's column scales ``c = 1 /
+    (P a)`` and at once its contribution ``P.T c`` to the next sums. The
+    kernel is written once and read ``iterations - 1`` times (instead of a
+    separate max pass, then two reads per iteration), and nothing else of
+    size ``rows x K`` is allocated: the logits of the returned rows are
+    recomputed at the end, after the kernel is released, block by block
+    into the codes.
+
+    In the first sums each block ``j`` uses ``c_b = exp((m_b - mu_j) / eps)``
+    with ``mu_j`` the block's largest ``m_b``, and its sum is multiplied by
+    ``exp((mu_j - M) / eps)`` once ``M`` (the global maximum) is known: the
+    same ``c_b = exp((m_b - M) / eps)`` up to rounding. Prototype sums are
+    accumulated per block (<= 256 samples) and then across blocks, as in
+    :func:`_prototype_sums`.
+    """
+    num_k = _part_shape(parts[0])[1]
+    dtype = _compute_dtype(_part_dtype(parts[0]))
+    for part in parts[1:]:
+        dtype = _compute_dtype(torch.promote_types(dtype, _part_dtype(part)))
+    first_part = parts[0].embeddings if isinstance(parts[0], ScoreProduct) else parts[0]
+    device = first_part.device
+    sizes = [_part_shape(part)[0] for part in parts]
+    n_local = sum(sizes)
     tiny = torch.finfo(dtype).tiny
     # Floor of the per-sample sums P.T a (a has max 1): no effect on ordinary
     # inputs, keeps c = 1 / (P.T a) and then P c finite on degenerate ones.
     floor_sample = tiny ** 0.5
 
-    # Per-sample maxima, in score units: (s - m) is exact near the maximum
-    # (Sterbenz), so only the division by epsilon rounds.
-    if n_local > 0:
-        row_max = scores.amax(dim=1).to(dtype)
-        global_max = row_max.max()
+    blocks = _row_blocks(sizes, num_k)
+    if workspace is not None:
+        kernel = workspace.get(n_local, num_k, dtype, device)
     else:
-        row_max = scores.new_empty((0,), dtype=dtype)
-        global_max = torch.full((), float("-inf"), dtype=dtype, device=scores.device)
+        kernel = torch.empty((n_local, num_k), dtype=dtype, device=device)  # P.T
+    row_max = torch.empty((n_local,), dtype=dtype, device=device)
+    partials, block_max = [], []
+
+    def logits_of(block_scores: Tensor, g: int, n: int) -> Tensor:
+        # (s - m_b) / epsilon <= 0, one max-1 entry per sample. Per-sample
+        # maxima are in score units: (s - m) is exact near the maximum
+        # (Sterbenz), so only the division by epsilon rounds (type promotion
+        # gives the compute dtype directly for fp16/bf16 input).
+        out = torch.sub(block_scores, row_max[g:g + n].unsqueeze(1))
+        if out.dtype != dtype:
+            out = out.to(dtype)
+        return out.div_(epsilon)
+
+    for index, a, b, g in blocks:
+        n = b - a
+        block_scores = _part_rows(parts[index], a, b)
+        m = row_max[g:g + n]
+        if block_scores.dtype == dtype:
+            torch.amax(block_scores, dim=1, out=m)
+        else:
+            m.copy_(block_scores.amax(dim=1))
+        k_blk = kernel[g:g + n]
+        torch.exp(logits_of(block_scores, g, n), out=k_blk)
+        del block_scores
+        mu = m.max()
+        block_max.append(mu)
+        # c_b = exp(m_b - mu_j); the block's factor exp(mu_j - M) comes below
+        partials.append(torch.mv(k_blk.t(), torch.sub(m, mu).div_(epsilon).exp_()))
+
+    if blocks:
+        block_max = torch.stack(block_max)
+        global_max = block_max.max()
+    else:
+        global_max = torch.full((), float("-inf"), dtype=dtype, device=device)
     if distributed:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
 
-    # logits = (s - m_b) / epsilon <= 0, one max-1 entry per sample (type
-    # promotion gives the compute dtype directly for fp16/bf16 input).
-    logits = torch.sub(scores, row_max.unsqueeze(1))
-    if logits.dtype != dtype:
-        logits = logits.to(dtype)
-    logits.div_(epsilon)
-    kernel = torch.exp(logits)  # B x K, the transpose of the release's P
-
-    # c_b = exp(m_b - M): the per-sample shift, compensated.
-    col_scale = torch.sub(row_max, global_max).div_(epsilon).exp_()
-
     proto_sums = None
     for it in range(iterations):
+        if it == 0:
+            if blocks:
+                # the per-sample shift compensated: c_b = exp(m_b - M)
+                factors = torch.sub(block_max, global_max).div_(epsilon).exp_()
+                proto_sums = (torch.stack(partials) * factors.unsqueeze(1)).sum(dim=0)
+            else:
+                proto_sums = kernel.new_zeros((num_k,))
+        else:
+            # a = 1 / (K * P c), rescaled to max 1 (scale is irrelevant);
+            # then per block: c = 1 / (B * P.T a) and its share of P c.
+            proto_scale = torch.reciprocal(proto_sums).mul_(proto_sums.min())
+            partials = []
+            for _, a, b, g in blocks:
+                k_blk = kernel[g:g + b - a]
+                col = torch.mv(k_blk, proto_scale).clamp_(min=floor_sample).reciprocal_()
+                partials.append(torch.mv(k_blk.t(), col))
+            proto_sums = _sum_partials(partials, num_k, row_max)
         # Per-prototype sums of Q (the release's row sums), global.
-        proto_sums = _prototype_sums(kernel, col_scale)
         if distributed:
             dist.all_reduce(proto_sums, op=dist.ReduceOp.SUM)
         proto_sums.clamp_(min=tiny)
-        if it == iterations - 1:
-            break
-        # a = 1 / (K * P c), rescaled to max 1 (scale is irrelevant, see above).
-        proto_scale = torch.reciprocal(proto_sums).mul_(proto_sums.min())
-        # c = 1 / (B * P.T a), per sample, local.
-        col_scale = torch.mv(kernel, proto_scale).clamp_(min=floor_sample).reciprocal_()
-    del kernel
+    # release the kernel (and the last block's view of it) before the codes
+    k_blk = None
+    del kernel, partials, k_blk
 
     # Last column normalisation and * B: softmax over prototypes of
     # logits + log a (with log a = -log(P c) up to a constant).
-    if keep_last is not None:
-        logits = logits[n_local - keep_last:] if keep_last > 0 else logits[:0]
-    logits.sub_(proto_sums.log_())
-    return torch.softmax(logits, dim=1)
+    # Row by row, so computed block by block into the output (no rows x K
+    # logits besides it).
+    keep = n_local if keep_last is None else max(0, min(int(keep_last), n_local))
+    first = n_local - keep
+    codes = torch.empty((keep, num_k), dtype=dtype, device=device)
+    log_sums = proto_sums.log_()
+    for index, a, b, g in blocks:
+        if g + (b - a) <= first:
+            continue
+        skip = max(0, first - g)
+        logits = logits_of(_part_rows(parts[index], a + skip, b), g + skip, b - a - skip)
+        logits.sub_(log_sums)
+        row = g + skip - first
+        codes[row:row + logits.shape[0]] = torch.softmax(logits, dim=1)
+    return codes
+
+
+def _sum_partials(partials: List[Tensor], num_k: int, like: Tensor) -> Tensor:
+    """Sum of per-block prototype sums (blocks first, then across blocks:
+    the same two-level accumulation as :func:`_prototype_sums`)."""
+    if not partials:
+        return like.new_zeros((num_k,))
+    if len(partials) == 1:
+        return partials[0]
+    return torch.stack(partials).sum(dim=0)
 
 
 @torch.no_grad()
@@ -264,25 +436,84 @@ def swapped_prediction_loss(
             f"scores has {rows} rows, not a multiple of num_crops={num_crops}"
         )
     batch = rows // num_crops
-    dtype = _compute_dtype(scores.dtype)
+    for crop, target in zip(crops_for_assign, codes):
+        if not 0 <= crop < num_crops:
+            raise ValueError(f"assign crop {crop} not in [0, {num_crops})")
+        if target.shape != (batch, num_k):
+            raise ValueError(
+                f"codes for crop {crop} have shape {tuple(target.shape)}, "
+                f"expected {(batch, num_k)}"
+            )
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        log_probs = F.log_softmax(scores.to(dtype) / temperature, dim=1)
-        log_probs = log_probs.view(num_crops, batch, num_k)
-        total = log_probs.sum(dim=0)  # (B, K): sum over all crops
-        loss = scores.new_zeros((), dtype=dtype)
-        for crop, target in zip(crops_for_assign, codes):
-            if not 0 <= crop < num_crops:
-                raise ValueError(f"assign crop {crop} not in [0, {num_crops})")
-            if target.shape != (batch, num_k):
-                raise ValueError(
-                    f"codes for crop {crop} have shape {tuple(target.shape)}, "
-                    f"expected {(batch, num_k)}"
-                )
-            target = target.detach().to(dtype)
-            # sum over the other crops = all crops - the assign crop itself
-            cross = torch.sum(target * total) - torch.sum(target * log_probs[crop])
-            loss = loss - cross
-        return loss / (len(codes) * (num_crops - 1) * batch)
+        return _SwappedPrediction.apply(
+            scores,
+            float(temperature),
+            int(num_crops),
+            tuple(int(c) for c in crops_for_assign),
+            *[c.detach() for c in codes],
+        )
+
+
+class _SwappedPrediction(torch.autograd.Function):
+    """Forward and backward of :func:`swapped_prediction_loss` in a few fused
+    passes over the ``(num_crops * B, K)`` scores.
+
+    With ``S = sum_i codes_i`` and ``W_p = S - sum_{i: crop_i = p} codes_i``
+    (the targets crop ``p`` is predicted against), the loss is
+    ``-sum_p <W_p, log_softmax(s_p / T)> / n``, ``n = len(codes) *
+    (num_crops - 1) * B``, computed as ``<S, sum_p logp_p> - sum_i <codes_i,
+    logp_{crop_i}>`` (one log_softmax over all rows, one sum over crops).
+    Its gradient is the log_softmax backward of ``G_p = -W_p / (n T)``,
+    ``G - softmax * rowsum(G)``, one fused kernel, instead of autograd's
+    chain (division, select/sum/mul backwards, gradient accumulation).
+    Float32 (float64 stays float64) whatever the scores' dtype; the gradient
+    is returned in the scores' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, temperature, num_crops, crops, *codes):
+        dtype = _compute_dtype(scores.dtype)
+        rows, num_k = scores.shape
+        batch = rows // num_crops
+        x = scores.detach()
+        z = torch.div(x if x.dtype == dtype else x.to(dtype), temperature)
+        log_probs = torch.log_softmax(z, dim=1)
+        del z
+        targets = [c if c.dtype == dtype else c.to(dtype) for c in codes]
+        per_crop = log_probs.view(num_crops, batch, num_k)
+        total = per_crop.sum(dim=0)  # (B, K): sum over all crops
+        summed = targets[0] if len(targets) == 1 else torch.stack(targets).sum(dim=0)
+        cross = torch.sum(summed * total)
+        for crop, target in zip(crops, targets):
+            # each assign crop is not predicted against its own codes
+            cross = cross - torch.sum(target * per_crop[crop])
+        norm = len(targets) * (num_crops - 1) * batch
+        ctx.save_for_backward(log_probs, summed, *targets)
+        ctx.temperature = temperature
+        ctx.num_crops = num_crops
+        ctx.crops = crops
+        ctx.norm = norm
+        ctx.scores_dtype = scores.dtype
+        return -cross / norm
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        log_probs, summed, *targets = ctx.saved_tensors
+        rows, num_k = log_probs.shape
+        num_crops = ctx.num_crops
+        batch = rows // num_crops
+        # G_p = -W_p * grad / (n T): d loss / d log_softmax(z), with the
+        # division by T of z = s / T folded in (the backward is linear in G).
+        coef = grad_output.to(log_probs.dtype) / (ctx.norm * ctx.temperature)
+        grad = torch.empty_like(log_probs)
+        per_crop = grad.view(num_crops, batch, num_k)
+        per_crop.copy_((summed * -coef).unsqueeze(0).expand(num_crops, batch, num_k))
+        for crop, target in zip(ctx.crops, targets):
+            per_crop[crop].add_(target * coef)
+        grad = torch._log_softmax_backward_data(grad, log_probs, 1, log_probs.dtype)
+        if grad.dtype != ctx.scores_dtype:
+            grad = grad.to(ctx.scores_dtype)
+        return (grad, None, None, None) + (None,) * len(targets)
 
 
 def swav_loss(
@@ -335,10 +566,16 @@ def sinkhorn_codes(
     queue_scores: Optional[Sequence[Optional[Tensor]]] = None,
     *,
     distributed: Optional[bool] = None,
+    workspace: Optional[SinkhornWorkspace] = None,
 ) -> List[Tensor]:
     """The targets of :func:`swav_loss`: one ``(B, K)`` codes tensor per
     assign crop, the queue's scores (if any) prepended before Sinkhorn and
-    only the batch's codes kept."""
+    only the batch's codes kept.
+
+    A ``queue_scores`` entry may also be a :class:`ScoreProduct` (queue
+    embeddings and prototype weights): its scores are then computed block by
+    block inside Sinkhorn-Knopp and never stored. ``workspace``: an optional
+    :class:`SinkhornWorkspace` reused for the kernel (same results)."""
     rows = scores.shape[0]
     if num_crops < 1 or rows % num_crops != 0:
         raise ValueError(
@@ -361,20 +598,24 @@ def sinkhorn_codes(
                 raise ValueError(f"assign crop {crop} not in [0, {num_crops})")
             crop_scores = scores[crop * batch:(crop + 1) * batch].detach()
             queued = None if queue_scores is None else queue_scores[i]
-            if queued is not None:
-                dtype = _compute_dtype(
-                    torch.promote_types(queued.dtype, crop_scores.dtype)
-                )
-                crop_scores = torch.cat(
-                    [queued.detach().to(dtype), crop_scores.to(dtype)]
-                )
+            # The queue's rows come first; they are not concatenated with the
+            # batch's (_sinkhorn_parts sweeps both), only the batch's codes
+            # are computed at the end.
+            if queued is None:
+                parts = [crop_scores]
+            elif isinstance(queued, ScoreProduct):
+                emb = queued.embeddings.detach()
+                parts = [ScoreProduct(emb, queued.weights.detach().to(emb.dtype)), crop_scores]
+            else:
+                parts = [queued.detach(), crop_scores]
             codes.append(
-                _sinkhorn(
-                    crop_scores,
+                _sinkhorn_parts(
+                    parts,
                     float(epsilon),
                     int(sinkhorn_iterations),
                     on,
                     keep_last=batch if queued is not None else None,
+                    workspace=workspace,
                 )
             )
     return codes

@@ -23,9 +23,11 @@ implementation is faster:
 * all random numbers of all crops of one image come from a single
   ``torch.rand`` call (torch's RNG only, so VISSL's per-worker seeding makes
   it reproducible; Python's ``random`` is never used);
-* crop and resize are one PIL ``resize(size, BILINEAR, box=...)`` call (the
-  only difference from crop-then-resize: the bilinear filter may read the
-  pixels just outside the box instead of replicating the box edge);
+* the image is converted once to a uint8 tensor shared by all its crops;
+  crop-then-resize is torch's uint8 ``interpolate(bilinear, antialias=True)``
+  on the box (channels-last SIMD kernels): the filter of PIL's
+  ``resize(BILINEAR)`` that torchvision's ``RandomResizedCrop`` applies,
+  with values within 1 of PIL's (fixed-point rounding);
 * colour jitter, grayscale and blur run on the small resized crop;
   brightness/contrast/saturation are the PIL ``ImageEnhance`` blends that
   torchvision uses, called directly; the hue shift (PIL's HSV round trip,
@@ -45,6 +47,7 @@ exactly the structure, shapes and dtypes of VISSL's ``multicrop_collator``.
 
 import math
 import numbers
+import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -166,14 +169,58 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ValueError(f"{TRANSFORM_NAME}: cannot convert mode {mode} to RGB")
 
 
+def _as_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as an ``(H, W, 3)`` uint8 tensor (one copy; read-only
+    use: the crops are copied out of it)."""
+    arr = np.asarray(img)
+    if not arr.flags.writeable:
+        with warnings.catch_warnings():
+            # torch warns that it cannot protect a read-only array from writes
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
+    return torch.from_numpy(arr)
+
+
+def _resized_crop(source: torch.Tensor, p: CropParams) -> np.ndarray:
+    """Crop ``p``'s box of ``source`` (``(H, W, 3)`` uint8) and resize it to
+    ``p.size`` square, bilinear with antialiasing (flipped if ``p.flip``):
+    ``(size, size, 3)`` uint8.
+
+    torchvision's ``RandomResizedCrop`` on a PIL image is PIL's crop then
+    ``resize(BILINEAR)`` (a triangle filter widened by the downscaling factor,
+    edge pixels replicated at the box border); torch's uint8
+    ``interpolate(mode="bilinear", antialias=True)`` implements the same
+    filter (ported from Pillow) with SIMD kernels for channels-last RGB, about
+    twice as fast; its values differ from PIL's by at most 1 (fixed-point
+    rounding; tests/test_transforms.py checks it). A box already of the
+    output size is copied as it is."""
+    box = source[p.top : p.top + p.height, p.left : p.left + p.width]
+    if p.height == p.size and p.width == p.size:
+        out = box.clone()  # never hand out a view of the (read-only) source
+    else:
+        x = box.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        out = torch.nn.functional.interpolate(
+            x, size=(p.size, p.size), mode="bilinear", antialias=True, align_corners=False
+        )[0].permute(1, 2, 0)
+    if p.flip:
+        out = out.flip(1)
+    return np.ascontiguousarray(out.numpy())
+
+
 def _adjust_brightness(img: Image.Image, factor: float) -> Image.Image:
     # == PIL ImageEnhance.Brightness (torchvision's PIL adjust_brightness)
     return Image.blend(Image.new("RGB", img.size, 0), img, factor)
 
 
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
 def _adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
     # == PIL ImageEnhance.Contrast: blend with the rounded mean grey level
-    mean = int(float(np.asarray(img.convert("L")).mean()) + 0.5)
+    # (the mean of the "L" histogram, as ImageStat computes it: an exact
+    # integer sum divided in float64)
+    hist = np.asarray(img.convert("L").histogram(), dtype=np.float64)
+    mean = int(float(hist @ _LEVELS) / (img.size[0] * img.size[1]) + 0.5)
     return Image.blend(Image.new("RGB", img.size, (mean, mean, mean)), img, factor)
 
 
@@ -225,11 +272,14 @@ def _build_hue_tables():
 _HUE_OF_DIFFS, _SAT_OF_CHROMA_MAX, _X_M, _P_OF_SV = _build_hue_tables()
 
 
-def _hue_shift(arr: np.ndarray, shift: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> same, hue byte shifted by ``shift`` (mod 256)
-    through HSV exactly as PIL computes it, ~2-3x faster than PIL."""
+def _hue_shift(arr: np.ndarray, shift) -> np.ndarray:
+    """(..., 3) uint8 RGB -> same, hue byte shifted by ``shift`` (mod 256)
+    through HSV exactly as PIL computes it, ~2-3x faster than PIL.
+
+    ``shift``: an int, or a uint8 array with one shift per pixel (several
+    crops with different shifts converted in one call)."""
     u8 = np.uint8
-    n = arr.shape[0] * arr.shape[1]
+    n = arr.size // 3
     planes = np.ascontiguousarray(arr.reshape(n, 3).T)
     r, g, b = planes[0], planes[1], planes[2]
     # RGB -> HSV
@@ -249,7 +299,10 @@ def _hue_shift(arr: np.ndarray, shift: int) -> np.ndarray:
     idx += v
     s = _SAT_OF_CHROMA_MAX.take(idx)
     # shift (wraps around, as torchvision's uint8 addition)
-    h += u8(shift)
+    if isinstance(shift, np.ndarray):
+        h += shift.astype(u8, copy=False).reshape(-1)
+    else:
+        h += u8(int(shift) % 256)
     # HSV -> RGB
     idx = h.astype(np.int32)
     idx <<= 8
@@ -287,6 +340,73 @@ def _adjust_hue(img: Image.Image, hue: float) -> Image.Image:
 
 
 _JITTER_FNS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+
+# ---- the same operations on uint8 NumPy arrays (what __call__ uses) ---------
+# Bit-exact with the PIL functions above (tests/test_transforms.py compares
+# them with torchvision's on random images and factors):
+# * PIL's Image.blend(a, b, alpha) computes, per byte and in float32,
+#   ``t = a + alpha * (b - a)`` (two roundings), then 0 if t <= 0, 255 if
+#   t >= 255, else trunc(t). Against a constant image (black for brightness,
+#   the mean grey level for contrast) that is a 256-entry lookup table.
+# * PIL's RGB -> L is ``(19595 r + 38470 g + 7471 b + 0x8000) >> 16``; the
+#   products and sums stay below 2**24, so a float32 matrix-vector product
+#   computes them exactly.
+_LUMA_WEIGHTS = np.array([19595.0, 38470.0, 7471.0], dtype=np.float32)
+_LEVELS_F32 = np.arange(256, dtype=np.float32)
+
+
+def _luma(arr: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 RGB -> (...) uint8 L, exactly PIL's ``convert("L")``."""
+    flat = arr.reshape(-1, 3).astype(np.float32)
+    lum = flat @ _LUMA_WEIGHTS
+    lum += np.float32(0x8000)
+    lum *= np.float32(1.0 / 65536.0)
+    return np.floor(lum, out=lum).astype(np.uint8).reshape(arr.shape[:-1])
+
+
+def _blend_lut(base: int, factor: float) -> np.ndarray:
+    """Table of PIL's ``Image.blend(constant base, image, factor)`` per byte."""
+    b = np.float32(base)
+    t = _LEVELS_F32 - b
+    t *= np.float32(factor)
+    t += b
+    return np.clip(t, 0.0, 255.0, out=t).astype(np.uint8)
+
+
+def _np_brightness(arr: np.ndarray, factor: float) -> np.ndarray:
+    return _blend_lut(0, factor).take(arr)
+
+
+def _np_contrast(arr: np.ndarray, factor: float) -> np.ndarray:
+    lum = _luma(arr)
+    mean = int(float(lum.sum(dtype=np.int64)) / lum.size + 0.5)
+    return _blend_lut(mean, factor).take(arr)
+
+
+def _np_saturation(arr: np.ndarray, factor: float) -> np.ndarray:
+    lum = _luma(arr).astype(np.float32)[..., None]
+    t = arr.astype(np.float32)
+    t -= lum
+    t *= np.float32(factor)
+    t += lum
+    return np.clip(t, 0.0, 255.0, out=t).astype(np.uint8)
+
+
+_NP_JITTER_FNS = (_np_brightness, _np_contrast, _np_saturation)
+_HUE = 3  # index of the hue adjustment in JitterParams.order
+
+
+def _hue_shift_many(arrays: List[np.ndarray], shifts: List[int]) -> List[np.ndarray]:
+    """:func:`_hue_shift` of several crops (each its own shift) in one call:
+    the conversion is per pixel, so the crops' pixels are concatenated."""
+    if len(arrays) == 1:
+        return [_hue_shift(arrays[0], shifts[0])]
+    sizes = [a.shape[0] * a.shape[1] for a in arrays]
+    flat = np.concatenate([a.reshape(-1, 3) for a in arrays])
+    per_pixel = np.repeat(np.asarray([s % 256 for s in shifts], dtype=np.uint8), sizes)
+    out = _hue_shift(flat, per_pixel)
+    pieces = np.split(out, np.cumsum(sizes)[:-1])
+    return [piece.reshape(a.shape) for piece, a in zip(pieces, arrays)]
 
 
 def _fail(msg: str) -> None:
@@ -584,25 +704,53 @@ class SwavPluginMultiCrop(ClassyTransform):
         return H, W
 
     # ------------------------------------------------------------- rendering
-    def apply_params(self, img: Image.Image, p: CropParams) -> Image.Image:
+    def apply_params(
+        self, img: Image.Image, p: CropParams, source: Optional[torch.Tensor] = None
+    ) -> Image.Image:
         """Render one crop of an RGB image as a PIL image (``RGB``, or ``L``
-        when grayscale was drawn), before ToTensor/Normalize."""
-        out = img.resize(
-            (p.size, p.size),
-            Image.Resampling.BILINEAR,
-            box=(p.left, p.top, p.left + p.width, p.top + p.height),
-        )
-        if p.flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if p.jitter is not None:
-            factors = p.jitter[1:]
-            for fn in p.jitter.order:
-                out = _JITTER_FNS[fn](out, factors[fn])
-        if p.grayscale:
-            out = out.convert("L")  # broadcast to 3 equal channels later
-        if p.blur_radius is not None:
-            out = out.filter(ImageFilter.GaussianBlur(radius=p.blur_radius))
-        return out
+        when grayscale was drawn), before ToTensor/Normalize.
+
+        ``source``: ``img`` as an ``(H, W, 3)`` uint8 tensor, when the caller
+        has it already."""
+        if source is None:
+            source = _as_uint8_tensor(to_rgb(img))
+        return self.render(source, [p])[0]
+
+    def render(self, source: torch.Tensor, params: Sequence[CropParams]) -> List[Image.Image]:
+        """Render crops of one image (``source``: ``(H, W, 3)`` uint8) as PIL
+        images (``RGB``, or ``L`` when grayscale was drawn).
+
+        Per crop, in the recipe's order: resized crop (and flip), colour
+        jitter (its four adjustments in the crop's random order), grayscale,
+        blur. The jitter is scheduled step by step across crops, so that the
+        hue shifts of all crops that are at the same step (the costliest
+        adjustment) are converted in one vectorised NumPy call
+        (:func:`_hue_shift_many`); each crop still gets exactly its own
+        adjustments in its own order. Brightness, contrast, saturation,
+        grayscale and blur are PIL's operations, as torchvision calls them."""
+        crops = [Image.fromarray(_resized_crop(source, p)) for p in params]
+        jittered = [k for k, p in enumerate(params) if p.jitter is not None]
+        steps = max((len(params[k].jitter.order) for k in jittered), default=0)
+        for step in range(steps):
+            hue_crops = []
+            for k in jittered:
+                jitter = params[k].jitter
+                op = jitter.order[step]
+                if op == _HUE:
+                    hue_crops.append(k)
+                else:
+                    crops[k] = _JITTER_FNS[op](crops[k], jitter[1 + op])
+            if hue_crops:
+                shifts = [int(params[k].jitter.hue * 255) % 256 for k in hue_crops]
+                shifted = _hue_shift_many([np.asarray(crops[k]) for k in hue_crops], shifts)
+                for k, arr in zip(hue_crops, shifted):
+                    crops[k] = Image.fromarray(arr)
+        for k, p in enumerate(params):
+            if p.grayscale:
+                crops[k] = crops[k].convert("L")  # broadcast to 3 equal channels later
+            if p.blur_radius is not None:
+                crops[k] = crops[k].filter(ImageFilter.GaussianBlur(radius=p.blur_radius))
+        return crops
 
     def _to_tensors(self, crops: List[Image.Image], size: int) -> List[torch.Tensor]:
         buf = np.empty((len(crops), size, size, 3), dtype=np.uint8)
@@ -623,11 +771,12 @@ class SwavPluginMultiCrop(ClassyTransform):
     def __call__(self, image: Image.Image) -> List[torch.Tensor]:
         img = to_rgb(image)
         params = self.sample_params(*img.size)
+        source = _as_uint8_tensor(img)  # one decoded copy for all crops
+        arrays = self.render(source, params)
         outputs: List[torch.Tensor] = []
         start = 0
         for n, size in zip(self.nmb_crops, self.size_crops):
-            crops = [self.apply_params(img, p) for p in params[start : start + n]]
-            outputs.extend(self._to_tensors(crops, size))
+            outputs.extend(self._to_tensors(arrays[start : start + n], size))
             start += n
         return outputs
 

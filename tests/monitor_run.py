@@ -42,6 +42,7 @@ def overrides(mnist_folder, ckpt: Path):
         f"{m}.COLLAPSE.PATIENCE_ITERS={PATIENCE}",
         f"{m}.COLLAPSE.LOSS_REL_TOLERANCE=1.0",
         f"{m}.KNN.ENABLED=true",
+        f"{m}.KNN.EVERY_N_EPOCHS=1",
         f"{m}.KNN.TRAIN_PATH={mnist_folder['train']}",
         f"{m}.KNN.VAL_PATH={mnist_folder['val']}",
         f"{m}.KNN.TRAIN_LIMIT={KNN_TRAIN}",

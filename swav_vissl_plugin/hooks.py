@@ -48,7 +48,9 @@ def _loss(task):
     return getattr(loss, "module", loss)
 
 
-class _NoopHook(ClassyHook):
+class NoopHook(ClassyHook):
+    """A ClassyHook that does nothing; subclasses override the events they need."""
+
     on_start = ClassyHook._noop
     on_phase_start = ClassyHook._noop
     on_forward = ClassyHook._noop
@@ -60,7 +62,7 @@ class _NoopHook(ClassyHook):
     on_end = ClassyHook._noop
 
 
-class SwAVPrototypesHook(_NoopHook):
+class SwAVPrototypesHook(NoopHook):
     """Normalise, hand over and (early on) freeze the prototypes."""
 
     def __init__(self, freeze_prototypes_niters: int):
@@ -89,7 +91,7 @@ class SwAVPrototypesHook(_NoopHook):
             _head(task).normalize_prototypes()
 
 
-class SwAVQueueHook(_NoopHook):
+class SwAVQueueHook(NoopHook):
     """Start the loss's queue at ``epoch_queue_starts``."""
 
     def on_phase_start(self, task) -> None:
@@ -97,7 +99,7 @@ class SwAVQueueHook(_NoopHook):
             _loss(task).on_epoch_start(task.train_phase_idx)
 
 
-class WarmupCosineIterationsHook(_NoopHook):
+class WarmupCosineIterationsHook(NoopHook):
     """Tell iteration-exact schedulers how many iterations an epoch has."""
 
     def on_phase_start(self, task) -> None:

@@ -94,6 +94,7 @@ import torch.distributed as dist
 from classy_vision.hooks.classy_hook import ClassyHook
 from torch import Tensor
 
+from swav_vissl_plugin.hooks import NoopHook
 from swav_vissl_plugin.knn import (
     KnnMonitorHook,
     _is_primary,
@@ -307,18 +308,6 @@ def vissl_logs_at(iteration: int, log_frequency: int) -> bool:
     return iteration % int(log_frequency) == 0 or (iteration <= 100 and iteration % 5 == 0)
 
 
-class _NoopHook(ClassyHook):
-    on_start = ClassyHook._noop
-    on_phase_start = ClassyHook._noop
-    on_forward = ClassyHook._noop
-    on_loss_and_meter = ClassyHook._noop
-    on_backward = ClassyHook._noop
-    on_update = ClassyHook._noop
-    on_step = ClassyHook._noop
-    on_phase_end = ClassyHook._noop
-    on_end = ClassyHook._noop
-
-
 class _WriterMixin:
     def _writer_for(self, task):
         """VISSL's TensorBoard writer (primary rank), looked up once."""
@@ -334,7 +323,7 @@ class _WriterMixin:
 
 
 # ------------------------------------------------------------------- hooks
-class PrototypeMonitorHook(_WriterMixin, _NoopHook):
+class PrototypeMonitorHook(_WriterMixin, NoopHook):
     """SwAV's signals to TensorBoard and the collapse warning (see the
     module docstring for the tags and the rule)."""
 
@@ -496,7 +485,7 @@ class PrototypeMonitorHook(_WriterMixin, _NoopHook):
         self._close_own()
 
 
-class ClusterStatsHook(_WriterMixin, _NoopHook):
+class ClusterStatsHook(_WriterMixin, NoopHook):
     """Cluster sizes of the loss's ``labels`` table, once per training epoch
     (see the module docstring for the attribute it reads and the tags)."""
 

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from classy_vision.losses import ClassyLoss, register_loss
 from torch import Tensor
 
+from swav_vissl_plugin.losses.swav import _cfg_get, _world
 from swav_vissl_plugin.clustering import (
     IGNORE_LABEL,
     gather_labels,
@@ -88,17 +89,6 @@ _STATE_KEYS = (
     "world_size",
     "labels",
 )
-
-
-def _world() -> "tuple[int, int]":
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _get(config: Mapping, key: str, default: Any = None) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else default
-    return default if value is None else value
 
 
 def _int(prefix: str, key: str, value: Any, minimum: Optional[int] = None) -> int:
@@ -197,32 +187,32 @@ class ClusterMemoryLoss(ClassyLoss):
     @classmethod
     def _common_from_config(cls, cfg: Mapping) -> Dict[str, Any]:
         prefix = f"LOSS.{cls.NAME}"
-        if _get(cfg, "num_crops") is None:
+        if _cfg_get(cfg, "num_crops") is None:
             raise ValueError(f"{prefix}.num_crops is required (total crops per image)")
-        num_crops = _int(prefix, "num_crops", _get(cfg, "num_crops"), 1)
-        if _get(cfg, "nmb_prototypes") is None:
+        num_crops = _int(prefix, "num_crops", _cfg_get(cfg, "num_crops"), 1)
+        if _cfg_get(cfg, "nmb_prototypes") is None:
             raise ValueError(f"{prefix}.nmb_prototypes is required (clusters per head)")
-        nmb = _int_list(prefix, "nmb_prototypes", _get(cfg, "nmb_prototypes"), 1)
+        nmb = _int_list(prefix, "nmb_prototypes", _cfg_get(cfg, "nmb_prototypes"), 1)
         if not nmb:
             raise ValueError(f"{prefix}.nmb_prototypes must list at least one head")
-        cfa = _int_list(prefix, "crops_for_assign", _get(cfg, "crops_for_assign", [0, 1]))
+        cfa = _int_list(prefix, "crops_for_assign", _cfg_get(cfg, "crops_for_assign", [0, 1]))
         if not cfa or len(set(cfa)) != len(cfa) or not all(0 <= c < num_crops for c in cfa):
             raise ValueError(
                 f"{prefix}.crops_for_assign must be distinct crops in [0, {num_crops}), got {cfa}"
             )
-        chunk = _get(cfg, "chunk_size")
-        freeze = _get(cfg, "freeze_prototypes_niters")
-        feat_dim = _get(cfg, "feat_dim")
+        chunk = _cfg_get(cfg, "chunk_size")
+        freeze = _cfg_get(cfg, "freeze_prototypes_niters")
+        feat_dim = _cfg_get(cfg, "feat_dim")
         return dict(
             num_crops=num_crops,
             nmb_prototypes=nmb,
             crops_for_assign=cfa,
-            temperature=_positive(prefix, "temperature", _get(cfg, "temperature", 0.1)),
+            temperature=_positive(prefix, "temperature", _cfg_get(cfg, "temperature", 0.1)),
             feat_dim=None if feat_dim is None else _int(prefix, "feat_dim", feat_dim, 1),
-            num_train_samples=_int(prefix, "num_train_samples", _get(cfg, "num_train_samples", -1)),
+            num_train_samples=_int(prefix, "num_train_samples", _cfg_get(cfg, "num_train_samples", -1)),
             chunk_size=None if chunk is None else _int(prefix, "chunk_size", chunk, 1),
             freeze_prototypes_niters=None if freeze is None else _int(prefix, "freeze_prototypes_niters", freeze, 0),
-            output_dir=str(_get(cfg, "output_dir", "")),
+            output_dir=str(_cfg_get(cfg, "output_dir", "")),
         )
 
     # ------------------------------------------------------------ memory bank
@@ -536,7 +526,7 @@ class DeepClusterV2PluginLoss(ClusterMemoryLoss):
     @classmethod
     def from_config(cls, loss_config: Mapping) -> "DeepClusterV2PluginLoss":
         common = cls._common_from_config(loss_config)
-        iters = _int(f"LOSS.{cls.NAME}", "kmeans_iterations", _get(loss_config, "kmeans_iterations", 10), 1)
+        iters = _int(f"LOSS.{cls.NAME}", "kmeans_iterations", _cfg_get(loss_config, "kmeans_iterations", 10), 1)
         return cls(kmeans_iterations=iters, **common)
 
     def _cluster_head(self, head: int, bank: Tensor, weight: Tensor) -> Tensor:
@@ -570,8 +560,8 @@ class SeLaV2PluginLoss(ClusterMemoryLoss):
     def from_config(cls, loss_config: Mapping) -> "SeLaV2PluginLoss":
         prefix = f"LOSS.{cls.NAME}"
         common = cls._common_from_config(loss_config)
-        eps = _positive(prefix, "epsilon", _get(loss_config, "epsilon", 0.05))
-        iters = _int(prefix, "sinkhorn_iterations", _get(loss_config, "sinkhorn_iterations", 10), 1)
+        eps = _positive(prefix, "epsilon", _cfg_get(loss_config, "epsilon", 0.05))
+        iters = _int(prefix, "sinkhorn_iterations", _cfg_get(loss_config, "sinkhorn_iterations", 10), 1)
         return cls(epsilon=eps, sinkhorn_iterations=iters, **common)
 
     def _cluster_head(self, head: int, bank: Tensor, weight: Tensor) -> Tensor:

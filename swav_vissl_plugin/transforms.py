@@ -21,8 +21,10 @@ jitter factor ranges and random order, same PIL operations); the
 implementation is faster:
 
 * all random numbers of all crops of one image come from a single
-  ``torch.rand`` call (torch's RNG only, so VISSL's per-worker seeding makes
-  it reproducible; Python's ``random`` is never used);
+  ``torch.rand`` call: on the per-sample stream the data source opened
+  (``sample_seed.py``: keyed by seed, epoch and dataset index, so a resumed
+  run draws the same crops), else on torch's global RNG; Python's ``random``
+  is never used;
 * the image is converted once to a uint8 tensor shared by all its crops;
   crop-then-resize is torch's uint8 ``interpolate(bilinear, antialias=True)``
   on the box (channels-last SIMD kernels): the filter of PIL's
@@ -59,6 +61,8 @@ from torch.utils.data import default_collate
 from vissl.data.collators import register_collator
 from vissl.data.collators.collator_helper import MultiDimensionalTensor
 from vissl.data.ssl_transforms import ssl_transforms_wrapper as _vissl_wrapper
+
+from swav_vissl_plugin import sample_seed
 
 __all__ = [
     "TRANSFORM_NAME",
@@ -472,8 +476,9 @@ class SwavPluginMultiCrop(ClassyTransform):
     (all crops of ``size_crops[0]`` first).  With ``normalize=False`` the
     tensors are the ``ToTensor`` output in ``[0, 1]`` (no Normalize).
 
-    Randomness comes only from torch's global RNG (one ``torch.rand`` call
-    per image), so the same torch seed gives the same crops.
+    Randomness is one ``torch.rand`` call per image, on the per-sample
+    stream of :mod:`swav_vissl_plugin.sample_seed` when the data source
+    opened one, else on torch's global RNG (same torch seed, same crops).
     """
 
     def __init__(
@@ -630,7 +635,9 @@ class SwavPluginMultiCrop(ClassyTransform):
         )
 
     # -------------------------------------------------------------- sampling
-    def sample_params(self, width: int, height: int) -> List[CropParams]:
+    def sample_params(
+        self, width: int, height: int, generator: Optional[torch.Generator] = None
+    ) -> List[CropParams]:
         """Draw every random choice for the crops of a ``width x height`` image.
 
         Same distributions as the torchvision chain: RandomResizedCrop's box
@@ -638,10 +645,10 @@ class SwavPluginMultiCrop(ClassyTransform):
         10 attempts that fits, else the centred fallback; top/left uniform
         integers), flip/jitter/grayscale/blur Bernoulli draws, ColorJitter
         factors ~ U and a uniformly random order, blur radius ~ U(blur_radius).
-        Uses one ``torch.rand`` call.
+        Uses one ``torch.rand`` call, on ``generator`` when given.
         """
         n = self.total_crops
-        u = torch.rand(n, _N_DRAWS, dtype=torch.float64).numpy()
+        u = torch.rand(n, _N_DRAWS, dtype=torch.float64, generator=generator).numpy()
         W, H = int(width), int(height)
 
         # RandomResizedCrop.get_params, vectorised over crops and attempts.
@@ -770,7 +777,8 @@ class SwavPluginMultiCrop(ClassyTransform):
 
     def __call__(self, image: Image.Image) -> List[torch.Tensor]:
         img = to_rgb(image)
-        params = self.sample_params(*img.size)
+        # The data source's per-sample stream (sample_seed.py), else torch's RNG.
+        params = self.sample_params(*img.size, generator=sample_seed.take_generator())
         source = _as_uint8_tensor(img)  # one decoded copy for all crops
         arrays = self.render(source, params)
         outputs: List[torch.Tensor] = []

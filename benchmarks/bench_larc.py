@@ -11,9 +11,12 @@ Both: momentum 0.9, weight decay 1e-6 on every parameter, trust 0.001, eps
 1e-8, clip false, lr 4.8. Parameters: torchvision ResNet-50 (the trunk of the
 recipe) + the SwAV head (2048-2048-BN-ReLU-128 MLP, 3000 prototypes): 25.9 M
 values in 167 tensors. One timed call = one ``step()`` (gradients are
-already there; the step rewrites them, as in training). Values: both run 3
-steps from the same parameters, gradients and momentum; parameters must be
-identical.
+already there; the loop rewrites them, as in training; the plugin's fused
+CPU path leaves them as they are). Values: both run 3 steps from the same
+parameters, gradients and momentum; the parameters must agree within 1e-6
+relative (per tensor, relative to its largest entry): the plugin's fused
+kernel may compute ``momentum * buf + a * g`` with one multiply-add where
+the loop rounds twice (1 float32 ulp).
 
     .venv/bin/python benchmarks/bench_larc.py [--tiny]
 """
@@ -138,6 +141,10 @@ def main(argv=None):
         finals[kind] = [p_.detach().clone() for p_ in ps]
     identical = all(torch.equal(a, b) for a, b in zip(finals["plugin"], finals["loop"]))
     max_diff = max(float((a - b).abs().max()) for a, b in zip(finals["plugin"], finals["loop"]))
+    max_rel = max(
+        float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+        for a, b in zip(finals["plugin"], finals["loop"])
+    )
     del finals
 
     ps_plugin, opt_plugin = build("plugin", params, grads)
@@ -154,7 +161,8 @@ def main(argv=None):
         "machine": info,
         "rounds": rounds,
         "params": {"tensors": len(shapes), "values": numel},
-        "values": {"identical_after_3_steps": identical, "max_abs_diff": max_diff},
+        "values": {"identical_after_3_steps": identical, "max_abs_diff": max_diff,
+                   "max_rel_diff": max_rel, "within_1e-6": max_rel <= 1e-6},
         "timing": C.analyse(times, [("plugin", "loop")]),
         "targets": {"plugin/loop": 0.5},
     }
@@ -176,11 +184,12 @@ def report(result):
             kind,
             f"{result['params']['tensors']} tensors, {result['params']['values'] / 1e6:.1f} M values",
             C.fmt_row_time(s["plugin"]), C.fmt_row_time(s["loop"]), C.fmt_ratio(r),
-            result["values"]["identical_after_3_steps"],
+            "%.1e" % result["values"]["max_rel_diff"],
         ])
     return C.md_table(
         ["time", "parameters", "plugin (swav_plugin_larc)", "per-parameter loop (Apex LARC + SGD)",
-         f"plugin/loop (target <= {result['targets']['plugin/loop']})", "identical params after 3 steps"],
+         f"plugin/loop (target <= {result['targets']['plugin/loop']})",
+         "params after 3 steps: max relative difference (target <= 1e-6)"],
         rows,
     )
 

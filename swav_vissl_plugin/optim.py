@@ -125,24 +125,21 @@ def _chunks_by_numel(tensors: List[torch.Tensor], budget: int):
         yield start, len(tensors)
 
 
-def _larc_foreach_(
-    param_groups, trust_coefficient: float, clip: bool, eps: float
-) -> None:
-    """Same result as :func:`_larc_loop_`, with multi-tensor kernels.
+def _larc_factors(param_groups, trust_coefficient: float, clip: bool, eps: float):
+    """Phase 1 of the multi-tensor LARC: the per-parameter norms and adaptive
+    factors of :func:`_larc_loop_`, with multi-tensor kernels.
 
-    Phase 1 computes all parameter and gradient norms with
-    ``torch._foreach_norm`` and the adaptive factors with the same elementwise
-    operations (same order, same dtype) as the per-parameter version, then
-    copies them to the host in a single transfer per device (instead of the
-    two device->host syncs per parameter the per-parameter ``!= 0`` tests
-    cost). Phase 2 applies ``g += wd * p; g *= adaptive_lr`` with
-    ``_foreach_mul`` / ``_foreach_add_`` / ``_foreach_mul_`` on the parameters
-    whose two norms are non-zero. The weight-decay product is rounded before
-    it is added, exactly like ``g += wd * p``, so no fused multiply-add
-    changes the rounding: on CPU with ``addcmul(g, p, 1, value=wd)`` (one
-    pass, no temporary), elsewhere materialised in bounded chunks and added.
-    """
-    buckets = []  # (wd, params, grads, device, offset, count)
+    All parameter and gradient norms come from ``torch._foreach_norm`` and
+    the adaptive factors from the same elementwise operations (same order,
+    same dtype) as the per-parameter version; they reach the host in a
+    single transfer per device (instead of the two device->host syncs per
+    parameter the per-parameter ``!= 0`` tests cost).
+
+    Returns one entry per (group, device, dtypes) bucket: ``(group, params,
+    grads, device, param_norms, grad_norms, factors)``, the last three as
+    Python floats (the float32 values exactly, when the parameters are
+    float32)."""
+    buckets = []  # (group, params, grads, device, offset, count)
     per_device: "OrderedDict[torch.device, List[torch.Tensor]]" = OrderedDict()
     per_device_len: Dict[torch.device, int] = {}
     for group in param_groups:
@@ -172,34 +169,144 @@ def _larc_foreach_(
             per_device.setdefault(device, []).append(info)
             offset = per_device_len.get(device, 0)
             per_device_len[device] = offset + len(params)
-            buckets.append((wd, params, grads, device, offset, len(params)))
-    if not buckets:
-        return
+            buckets.append((group, params, grads, device, offset, len(params)))
     host = {
         dev: torch.cat(infos, dim=1).cpu().tolist()
         for dev, infos in per_device.items()
     }
-    for wd, params, grads, device, offset, count in buckets:
+    out = []
+    for group, params, grads, device, offset, count in buckets:
         pn_l, gn_l, ad_l = (row[offset : offset + count] for row in host[device])
-        keep = [i for i in range(count) if pn_l[i] != 0 and gn_l[i] != 0]
-        if not keep:
-            continue
-        ps = [params[i].detach() for i in keep]
-        gs = [grads[i] for i in keep]
-        scales = [ad_l[i] for i in keep]
-        if wd != 0:
-            if device.type == "cpu":
-                # g += (wd * p) * 1 in one pass, without the temporary: the
-                # CPU addcmul kernel rounds wd * p (then * 1, exact) before
-                # adding it, i.e. exactly g += wd * p (no fused multiply-add).
-                one = torch.ones((), dtype=gs[0].dtype)
-                torch._foreach_addcmul_(gs, ps, [one] * len(gs), value=wd)
-            else:
-                for a, b in _chunks_by_numel(ps, _WD_CHUNK_NUMEL):
-                    decay = torch._foreach_mul(ps[a:b], wd)
-                    torch._foreach_add_(gs[a:b], decay)
-                    del decay
-        torch._foreach_mul_(gs, scales)
+        out.append((group, params, grads, device, pn_l, gn_l, ad_l))
+    return out
+
+
+def _fold_decay_and_scale_(ps, gs, scales, wd, device) -> None:
+    """``g <- (g + wd * p) * scale`` for lists of tensors, rounding exactly
+    like the per-parameter ``g += wd * p; g *= scale``: the weight-decay
+    product is rounded before it is added (no fused multiply-add). On CPU
+    with ``addcmul(g, p, 1, value=wd)`` (one pass, no temporary; the CPU
+    kernel rounds ``wd * p``, then ``* 1`` is exact), elsewhere
+    materialised in bounded chunks and added."""
+    if wd != 0:
+        if device.type == "cpu":
+            one = torch.ones((), dtype=gs[0].dtype)
+            torch._foreach_addcmul_(gs, ps, [one] * len(gs), value=wd)
+        else:
+            for a, b in _chunks_by_numel(ps, _WD_CHUNK_NUMEL):
+                decay = torch._foreach_mul(ps[a:b], wd)
+                torch._foreach_add_(gs[a:b], decay)
+                del decay
+    torch._foreach_mul_(gs, scales)
+
+
+def _larc_foreach_(
+    param_groups, trust_coefficient: float, clip: bool, eps: float
+) -> None:
+    """Same result as :func:`_larc_loop_`, with multi-tensor kernels:
+    :func:`_larc_factors`, then ``g += wd * p; g *= adaptive_lr``
+    (:func:`_fold_decay_and_scale_`) on the parameters whose two norms are
+    non-zero."""
+    for group, params, grads, device, pn_l, gn_l, ad_l in _larc_factors(
+        param_groups, trust_coefficient, clip, eps
+    ):
+        keep = [i for i in range(len(params)) if pn_l[i] != 0 and gn_l[i] != 0]
+        if keep:
+            _fold_decay_and_scale_(
+                [params[i].detach() for i in keep],
+                [grads[i] for i in keep],
+                [ad_l[i] for i in keep],
+                group.get("weight_decay", 0),
+                device,
+            )
+
+
+def _fused_larc_sgd_ok(optimizer) -> bool:
+    """Whether :func:`_larc_fused_sgd_step_` can step ``optimizer``: a
+    ``torch.optim.SGD`` built with ``fused=True`` whose groups all use
+    momentum without dampening, nesterov or maximize, with float ``lr``, and
+    whose parameters with a gradient are dense float32/float64 CPU tensors
+    with a gradient of the same dtype."""
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    for group in optimizer.param_groups:
+        if not group.get("fused") or group.get("differentiable"):
+            return False
+        if group.get("momentum", 0) == 0 or group.get("dampening", 0) != 0:
+            return False
+        if group.get("nesterov") or group.get("maximize"):
+            return False
+        if isinstance(group.get("lr"), torch.Tensor):
+            return False
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if (
+                p.device.type != "cpu"
+                or p.dtype not in (torch.float32, torch.float64)
+                or g.dtype != p.dtype
+                or g.is_sparse
+            ):
+                return False
+    return True
+
+
+def _larc_fused_sgd_step_(
+    optimizer: torch.optim.SGD, trust_coefficient: float, clip: bool, eps: float
+) -> None:
+    """LARC and the SGD momentum update in one pass over each parameter (CPU).
+
+    Computes exactly what :func:`_larc_foreach_` followed by the momentum SGD
+    step (weight decay 0, dampening 0) computes::
+
+        g' = (g + wd * p) * a        (a: LARC's adaptive factor; or g' = g,
+                                      without weight decay, when ||p|| or
+                                      ||g|| is 0)
+        buf = momentum * buf + g'    (buf = g' on the first update)
+        p = p - lr * buf
+
+    with torch's fused SGD kernel run once per parameter with the weight
+    decay ``wd`` and the dampening ``1 - a``: the kernel computes ``buf =
+    momentum * buf + (1 - dampening) * (g + wd * p)``, which is the line
+    above when ``1 - (1 - a) == a`` in double precision (always the case for
+    a float32 factor of at least 2**-30; otherwise that parameter's gradient
+    is rewritten first, as in :func:`_larc_foreach_`). A missing momentum
+    buffer is created as zeros: ``0 * momentum + g' = g'`` is the first
+    update. One pass over ``p``, ``g`` and ``buf`` after the two norms,
+    instead of the three passes of the gradient rewrite plus the SGD pass:
+    on CPU the step is bound by memory traffic. The gradients are left as
+    they are (the rewrite happens inside the update). Rounding: the
+    per-parameter version rounds ``(g + wd p) * a`` before adding it to
+    ``momentum * buf``; the kernel's vector code may fuse that product and
+    sum into one multiply-add (compiler contraction), so the result may
+    differ in the last bit (relative 1e-7 in float32, per step)."""
+    state = optimizer.state
+    for group, params, grads, _, pn_l, gn_l, ad_l in _larc_factors(
+        optimizer.param_groups, trust_coefficient, clip, eps
+    ):
+        wd = float(group.get("weight_decay", 0))
+        kwargs = dict(
+            momentum=float(group["momentum"]),
+            lr=float(group["lr"]),
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,
+        )
+        for p, g, pn, gn, a in zip(params, grads, pn_l, gn_l, ad_l):
+            pd = p.detach()
+            buf = state[p].get("momentum_buffer")
+            if buf is None:
+                buf = torch.zeros_like(pd, memory_format=torch.preserve_format)
+                state[p]["momentum_buffer"] = buf
+            if pn != 0 and gn != 0:
+                if 1.0 - (1.0 - a) == a:
+                    torch._fused_sgd_(
+                        [pd], [g], [buf], weight_decay=wd, dampening=1.0 - a, **kwargs
+                    )
+                    continue
+                _fold_decay_and_scale_([pd], [g], [a], wd, p.device)
+            torch._fused_sgd_([pd], [g], [buf], weight_decay=0.0, dampening=0.0, **kwargs)
 
 
 class LARC:
@@ -227,6 +334,11 @@ class LARC:
 
     ``foreach=True`` (default) uses multi-tensor kernels (:func:`_larc_foreach_`),
     ``foreach=False`` the literal per-parameter loop; both give the same result.
+    With ``foreach=True`` and a CPU ``torch.optim.SGD(fused=True)`` with
+    plain momentum (the recipe's; :func:`_fused_larc_sgd_ok`), the gradient
+    rewrite and the SGD update run as one fused pass per parameter
+    (:func:`_larc_fused_sgd_step_`): same update up to the last bit (one
+    fused multiply-add), ``p.grad`` left unchanged.
 
     The object quacks like a ``torch.optim.Optimizer`` (``param_groups``,
     ``state``, ``defaults``, ``step``, ``zero_grad``, ``state_dict``,
@@ -312,6 +424,12 @@ class LARC:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.foreach and _fused_larc_sgd_ok(self.optim):
+            with torch.no_grad():
+                _larc_fused_sgd_step_(
+                    self.optim, self.trust_coefficient, self.clip, self.eps
+                )
+            return loss
         self.adjust_gradients_()
         _align_fused_momentum_buffers_(self.optim)
         saved = []

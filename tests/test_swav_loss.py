@@ -318,9 +318,11 @@ def test_state_unknown_key_strict_and_shape_mismatch(caplog):
     loss_fn = SwAVPluginLoss.from_config(cfg)
     with pytest.raises(RuntimeError, match="bogus"):
         loss_fn.load_state_dict({"queue": None, "queue_filled": 0, "bogus": 1})
-    # a queue of another length (e.g. another world size): warned, restarted empty
-    with caplog.at_level(logging.WARNING):
+    # a queue of another length: its 4 rows kept in front, counted as filled,
+    # the rest empty, so it is used once full (tests/test_world_size.py)
+    with caplog.at_level(logging.INFO):
         loss_fn.load_state_dict({"queue": torch.ones(1, 2, 4, 16), "queue_filled": 4})
-    assert "empty queue" in caplog.text
-    assert loss_fn.queue.shape == (2, 6, 16) and loss_fn.queue_filled == 0
-    assert torch.count_nonzero(loss_fn.queue) == 0
+    assert "queue resized" in caplog.text
+    assert loss_fn.queue.shape == (2, 6, 16) and loss_fn.queue_filled == 4 and not loss_fn.queue_full
+    assert torch.equal(loss_fn.queue[:, :4], torch.ones(2, 4, 16))
+    assert torch.count_nonzero(loss_fn.queue[:, 4:]) == 0

@@ -54,12 +54,20 @@ ranks held: all on rank 0, the own rank elsewhere), ``world_size``,
 ``memory_position`` and ``labels``: tensors, ints and None only, loadable
 with ``torch.load(weights_only=True)``. ``get_classy_state`` returns ``{}``
 so that the bank is not written a second time inside the task state.
+
+Resuming on another world size (``docs/world_size.md``): :func:`reshard_bank`
+deals the saved banks out to the new ranks, every row keeping its dataset
+index, so the next clustering sees the same images; the label table (by
+dataset index) is kept as is. A bank of another number of assign crops or
+embedding size, or a label table of other heads or another dataset size,
+cannot be used: loading it raises
+:class:`~swav_vissl_plugin.config.ConfigError` naming the key.
 """
 
 import logging
 import numbers
 import pprint
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,6 +75,7 @@ import torch.nn.functional as F
 from classy_vision.losses import ClassyLoss, register_loss
 from torch import Tensor
 
+from swav_vissl_plugin.config import ConfigError
 from swav_vissl_plugin.losses.swav import _cfg_get, _world
 from swav_vissl_plugin.clustering import (
     IGNORE_LABEL,
@@ -75,7 +84,7 @@ from swav_vissl_plugin.clustering import (
     spherical_kmeans,
 )
 
-__all__ = ["ClusterMemoryLoss", "DeepClusterV2PluginLoss", "SeLaV2PluginLoss"]
+__all__ = ["ClusterMemoryLoss", "DeepClusterV2PluginLoss", "SeLaV2PluginLoss", "BankLayout", "reshard_bank"]
 
 DEEPCLUSTER_V2 = "deepclusterv2_plugin_loss"
 SELA_V2 = "selav2_plugin_loss"
@@ -89,6 +98,120 @@ _STATE_KEYS = (
     "world_size",
     "labels",
 )
+#: Optional state entry, set by ``world_size.adapt_checkpoint`` on a resume on
+#: another world size: the bank rows each rank writes per epoch from now on.
+RESHARD_ROWS_KEY = "reshard_rows_per_rank"
+
+
+class BankLayout(NamedTuple):
+    """Every rank's memory bank, as :func:`reshard_bank` returns it."""
+
+    embeddings: Tensor  # (W, n_assign, L, D)
+    indices: Tensor  # (W, L), -1 past ``filled``
+    filled: Tensor  # (W,) rows [0, filled) hold embeddings
+    position: Tensor  # (W,) the next row each rank writes
+    duplicates: int  # rows dropped: another row of the same dataset index is kept
+    superseded: int  # previous-epoch rows dropped: the image was embedded this epoch
+    over_capacity: int  # rows dropped: more than a rank writes per epoch
+
+
+def _last_occurrence(values: Tensor) -> Tensor:
+    """Mask keeping, of every value, its last occurrence."""
+    n = values.numel()
+    keep = torch.zeros(n, dtype=torch.bool)
+    if n:
+        _, inverse = torch.unique(values, return_inverse=True)
+        last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long)
+        last.scatter_reduce_(0, inverse, torch.arange(n), reduce="amax")
+        keep[last] = True
+    return keep
+
+
+def reshard_bank(
+    embeddings: Tensor,
+    indices: Tensor,
+    filled: Tensor,
+    position: int,
+    world_size: int,
+    rows_per_rank: Optional[int] = None,
+    min_rows: int = 0,
+) -> BankLayout:
+    """Every rank's memory bank restated for ``world_size`` ranks.
+
+    A bank row is one image's embedding, attached to its dataset index; rank
+    ``r`` holds rows ``[0, filled[r])``, of which ``[0, position)`` were
+    written this epoch ("current") and the rest in the previous one.
+
+    * At an epoch's end (``position >= filled`` everywhere) all rows are
+      current; of a dataset index held twice (the sampler pads the last
+      batches with repeated images) the later row is kept.
+    * Inside an epoch, the current rows go first on every new rank (the
+      rest of the epoch overwrites the rows after them, as on the old
+      ranks): the ``C`` current rows must split evenly, ``position' = C /
+      world_size``. Previous-epoch rows follow, except those of an image
+      already embedded this epoch.
+
+    Rows are dealt out position by position (global row ``g`` to rank ``g %
+    world_size``), at most ``rows_per_rank`` per rank when given (the rows a
+    rank writes per epoch, so that no row outlives an epoch unwritten). Each
+    new bank has ``max(ceil(W * L / world_size), min_rows, rows_per_rank,
+    rows held)`` rows.
+    """
+    old_world, n_assign, old_size, dim = embeddings.shape
+    filled = filled.to(torch.long).clamp(0, old_size)
+    current = filled.clamp(max=max(int(position), 0))
+    inside_epoch = bool((current < filled).any())
+    pos = torch.arange(old_size).unsqueeze(1)
+    by_position = embeddings.permute(2, 0, 1, 3)  # (L, W, n, D): row g = position * W + rank
+    index_by_position = indices.to(torch.long).t()
+    valid = index_by_position >= 0
+    cur_mask = (pos < current.unsqueeze(0)) & valid
+    old_mask = (pos >= current.unsqueeze(0)) & (pos < filled.unsqueeze(0)) & valid
+    cur_e, cur_i = by_position[cur_mask], index_by_position[cur_mask]
+    old_e, old_i = by_position[old_mask], index_by_position[old_mask]
+
+    duplicates = 0
+    if not inside_epoch:
+        keep = _last_occurrence(cur_i)
+        duplicates += int((~keep).sum())
+        cur_e, cur_i = cur_e[keep], cur_i[keep]
+    superseded = torch.isin(old_i, cur_i)
+    old_e, old_i = old_e[~superseded], old_i[~superseded]
+    keep = _last_occurrence(old_i)
+    duplicates += int((~keep).sum())
+    old_e, old_i = old_e[keep], old_i[keep]
+    if inside_epoch and cur_i.numel() % world_size:
+        raise ConfigError(
+            f"the memory bank was saved inside an epoch, after {int(position)} rows on each of "
+            f"{old_world} ranks: its {cur_i.numel()} rows of this epoch do not split evenly over "
+            f"{world_size} ranks; resume from the epoch's phase checkpoint"
+        )
+
+    shares, over = [], 0
+    for r in range(world_size):
+        ce, ci = cur_e[r::world_size], cur_i[r::world_size]
+        oe, oi = old_e[r::world_size], old_i[r::world_size]
+        if rows_per_rank is not None:
+            if inside_epoch:
+                room = max(int(rows_per_rank) - ci.numel(), 0)
+                over += max(oi.numel() - room, 0)
+                oe, oi = oe[:room], oi[:room]
+            else:
+                over += max(ci.numel() - int(rows_per_rank), 0)
+                ce, ci = ce[: int(rows_per_rank)], ci[: int(rows_per_rank)]
+        shares.append((torch.cat([ce, oe]), torch.cat([ci, oi]), ci.numel()))
+    held = max(i.numel() for _, i, _ in shares)
+    size = max(-(-old_world * old_size // world_size), int(min_rows), int(rows_per_rank or 0), held, 1)
+    out_e = embeddings.new_zeros(world_size, n_assign, size, dim)
+    out_i = torch.full((world_size, size), -1, dtype=torch.long)
+    out_filled = torch.zeros(world_size, dtype=torch.long)
+    out_position = torch.zeros(world_size, dtype=torch.long)
+    for r, (e, i, n_current) in enumerate(shares):
+        out_e[r, :, : i.numel()] = e.permute(1, 0, 2)
+        out_i[r, : i.numel()] = i
+        out_filled[r] = i.numel()
+        out_position[r] = n_current if inside_epoch else i.numel()
+    return BankLayout(out_e, out_i, out_filled, out_position, duplicates, int(superseded.sum()), over)
 
 
 def _int(prefix: str, key: str, value: Any, minimum: Optional[int] = None) -> int:
@@ -449,10 +572,11 @@ class ClusterMemoryLoss(ClassyLoss):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        ours = {prefix + k for k in _STATE_KEYS}
+        ours = {prefix + k for k in _STATE_KEYS + (RESHARD_ROWS_KEY,)}
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
         get = lambda k: state_dict.get(prefix + k)  # noqa: E731
+        self.check_state_dict(state_dict, prefix)
         device = self.device
         labels = get("labels")
         self.labels = None if labels is None else labels.to(device=device, dtype=torch.long).clone()
@@ -462,6 +586,11 @@ class ClusterMemoryLoss(ClassyLoss):
             return
         ranks_held = [int(r) for r in ranks]
         saved_world = int(get("world_size") or 1)
+        rows_per_rank = get(RESHARD_ROWS_KEY)
+        too_small = rows_per_rank is not None and int(rows_per_rank) > emb.shape[2]
+        if (saved_world != world or too_small) and ranks_held == list(range(saved_world)):
+            self._load_resharded(emb, idx, filled, int(get("memory_position") or 0), saved_world, rows_per_rank)
+            return
         primary_needs_all = world > 1 and rank == 0 and len(ranks_held) != world
         if saved_world != world or rank not in ranks_held or primary_needs_all:
             logging.warning(
@@ -479,6 +608,75 @@ class ClusterMemoryLoss(ClassyLoss):
             self._all_embeddings = emb.to(dtype=torch.float32).cpu().clone()
             self._all_index = idx.to(dtype=torch.long).cpu().clone()
             self._all_filled = filled.to(dtype=torch.long).cpu().clone()
+
+    def _load_resharded(self, emb, idx, filled, position, saved_world, rows_per_rank) -> None:
+        rank, world = _world()
+        min_rows = -(-self.num_train_samples // world) if self.num_train_samples else 0
+        layout = reshard_bank(
+            emb.to(dtype=torch.float32).cpu(), idx.cpu(), filled.cpu(), position, world,
+            rows_per_rank=None if rows_per_rank is None else int(rows_per_rank), min_rows=min_rows,
+        )
+        device = self.device
+        self.memory_embeddings = layout.embeddings[rank].to(device).clone()
+        self.memory_index = layout.indices[rank].to(device).clone()
+        self.memory_filled = int(layout.filled[rank])
+        self.memory_position = int(layout.position[rank])
+        if world > 1 and rank == 0:
+            self._all_embeddings, self._all_index = layout.embeddings, layout.indices
+            self._all_filled = layout.filled.clone()
+        else:
+            self._all_embeddings = self._all_index = self._all_filled = None
+        saved_rows = int(filled.to(torch.long).clamp(0, emb.shape[2]).sum())
+        what = f"resharded from {saved_world} to {world} ranks" if saved_world != world else "resized"
+        logging.info(
+            "%s: memory bank %s: %d of %d rows kept with their dataset indices (dropped: %d "
+            "duplicate, %d superseded by this epoch's, %d beyond the %s rows a rank writes per "
+            "epoch); rows per rank %s, next row written %s",
+            self.NAME, what, int(layout.filled.sum()), saved_rows, layout.duplicates,
+            layout.superseded, layout.over_capacity, rows_per_rank, layout.filled.tolist(),
+            layout.position.tolist(),
+        )
+
+    def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+        """Raise :class:`~swav_vissl_plugin.config.ConfigError` if the bank or
+        label table in ``state_dict`` cannot be used with this loss's config:
+        another number of assign crops, embeddings of another size than
+        ``feat_dim``, labels of another number of heads or dataset size. Any
+        world size can be (see :func:`reshard_bank`)."""
+        key = f"config.LOSS.{self.NAME}"
+        emb, labels = state_dict.get(prefix + "memory_embeddings"), state_dict.get(prefix + "labels")
+        if isinstance(emb, Tensor):
+            if emb.dim() != 4:
+                raise ConfigError(
+                    f"{prefix}memory_embeddings: a bank of shape {tuple(emb.shape)}, expected "
+                    "(ranks, assign crops, rows, embedding size)"
+                )
+            if emb.shape[1] != len(self.crops_for_assign):
+                raise ConfigError(
+                    f"{key}.crops_for_assign: the checkpoint's memory bank holds {emb.shape[1]} "
+                    f"assign crop(s), the config assigns from {len(self.crops_for_assign)} "
+                    f"({self.crops_for_assign}); resume with the checkpoint's crops_for_assign"
+                )
+            if self.feat_dim is not None and emb.shape[3] != self.feat_dim:
+                raise ConfigError(
+                    f"config.MODEL.HEAD.PARAMS[0][1].feat_dim: the checkpoint's memory bank holds "
+                    f"embeddings of size {emb.shape[3]}, the head makes {self.feat_dim} "
+                    f"({key}.feat_dim); resume with the checkpoint's feat_dim"
+                )
+        if isinstance(labels, Tensor):
+            if labels.dim() != 2 or labels.shape[0] != self.nmb_heads:
+                raise ConfigError(
+                    f"{key}.nmb_prototypes: the checkpoint's label table {tuple(labels.shape)} is for "
+                    f"{labels.shape[0] if labels.dim() == 2 else '?'} head(s), the config has "
+                    f"{self.nmb_heads} ({self.nmb_prototypes})"
+                )
+            if self.num_train_samples is not None and labels.shape[1] != self.num_train_samples:
+                raise ConfigError(
+                    f"config.DATA.TRAIN.DATA_PATHS: the checkpoint's label table covers "
+                    f"{labels.shape[1]} images, the training set has {self.num_train_samples} "
+                    "(DATA.TRAIN.DATA_PATHS / DATA_LIMIT); labels by dataset index belong to the "
+                    "checkpoint's training set"
+                )
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device)/.cuda() also move the local bank and the labels (plain

@@ -21,6 +21,8 @@ defaults its defaults):
                            divided by the world size
 ``epoch_queue_starts``     epoch from which the queue exists, default 15
 ``freeze_prototypes_niters``  consumed by the hooks, accepted here
+``feat_dim``               embedding size (from swav_plugin_head); absent: not
+                           checked. A restored queue of another size is refused
 ``output_dir``             accepted (VISSL convention), unused
 =========================  ==========================================================
 
@@ -38,6 +40,18 @@ copy of all ranks' queues (the pushed embeddings are all-gathered, one small
 collective per iteration while a queue exists, ``world_size * n_assign * B *
 D`` floats); the state holds the ``(world_size, n_assign, L, D)`` tensor and
 each rank takes back its own slice.
+
+Resuming on another world size or queue length (``docs/world_size.md``):
+:func:`reshard_queue` keeps the queue's global content and its age order.
+Row ``j`` of every rank was pushed at the same iteration, so listing the rows
+position by position (rank 0..W-1 at position 0, then at position 1, ...)
+lists the whole queue newest first; the new ranks deal that list out in turn
+(global row ``g`` goes to rank ``g mod W'``, position ``g // W'``), so every
+rank's queue is again newest first and each push evicts the globally oldest
+rows. A queue longer than the new total keeps its newest rows; a shorter one
+counts as partly filled, so it is used once full, as the release's. A queue
+of another number of assign crops or embedding size cannot be used: loading
+it raises :class:`~swav_vissl_plugin.config.ConfigError` naming the key.
 """
 
 import logging
@@ -50,6 +64,7 @@ import torch.distributed as dist
 from classy_vision.losses import ClassyLoss, register_loss
 from torch import Tensor
 
+from swav_vissl_plugin.config import ConfigError
 from swav_vissl_plugin.sinkhorn import (
     ScoreProduct,
     SinkhornWorkspace,
@@ -57,7 +72,7 @@ from swav_vissl_plugin.sinkhorn import (
     swapped_prediction_loss,
 )
 
-__all__ = ["SwAVPluginLoss"]
+__all__ = ["SwAVPluginLoss", "reshard_queue"]
 
 _PREFIX = "LOSS.swav_plugin_loss"
 _STATE_QUEUE = "queue"
@@ -107,6 +122,33 @@ def _mean_entropy(codes: Tensor) -> Tensor:
     return -(codes.clamp(min=tiny).log_().mul_(codes)).sum(1).mean()
 
 
+def reshard_queue(queue: Tensor, filled: int, world_size: int, length: int) -> "tuple[Tensor, int, int]":
+    """All ranks' queues restated for ``world_size`` ranks of ``length`` rows.
+
+    Args:
+        queue: ``(W, n_assign, L, D)``, every rank's queue newest row first.
+        filled: rows ``[0, filled)`` of every rank hold embeddings.
+        world_size, length: the new number of ranks and rows per rank.
+
+    Returns:
+        ``(queue', filled', dropped)``: ``queue'`` of shape ``(world_size,
+        n_assign, length, D)``; global row ``g`` of the newest-first list
+        (position ``g // W``, rank ``g % W``) is at rank ``g % world_size``,
+        position ``g // world_size``; rows beyond the new total
+        ``world_size * length`` (the oldest) are ``dropped``; ``filled'`` is
+        the number of leading rows filled on every new rank.
+    """
+    old_world, n_assign, old_length, dim = queue.shape
+    filled = min(max(int(filled), 0), old_length)
+    rows = queue[:, :, :filled].permute(2, 0, 1, 3).reshape(filled * old_world, n_assign, dim)
+    capacity = int(world_size) * int(length)
+    kept = min(rows.shape[0], capacity)
+    out = queue.new_zeros(capacity, n_assign, dim)
+    out[:kept] = rows[:kept]
+    out = out.view(length, world_size, n_assign, dim).permute(1, 2, 0, 3).contiguous()
+    return out, kept // world_size, rows.shape[0] - kept
+
+
 @register_loss("swav_plugin_loss")
 class SwAVPluginLoss(ClassyLoss):
     """SwAV's swapped-prediction loss, averaged over prototype heads, with the
@@ -126,6 +168,7 @@ class SwAVPluginLoss(ClassyLoss):
         queue_length: Optional[int] = None,
         freeze_prototypes_niters: Optional[int] = None,
         output_dir: str = "",
+        feat_dim: Optional[int] = None,
     ):
         super().__init__()
         self.num_crops = int(num_crops)
@@ -141,6 +184,7 @@ class SwAVPluginLoss(ClassyLoss):
         self.epoch_queue_starts = int(epoch_queue_starts)
         self.freeze_prototypes_niters = freeze_prototypes_niters
         self.output_dir = output_dir
+        self.feat_dim = None if feat_dim is None else int(feat_dim)
         # All ranks' queues, (world_size, n_assign, L, D); a buffer so that
         # .to(device) moves it, non-persistent because the state is written by
         # _save_to_state_dict below (None must be saved too).
@@ -234,6 +278,11 @@ class SwAVPluginLoss(ClassyLoss):
         freeze = _cfg_get(cfg, "freeze_prototypes_niters")
         if freeze is not None:
             freeze = _as_int("freeze_prototypes_niters", freeze)
+        feat_dim = _cfg_get(cfg, "feat_dim")
+        if feat_dim is not None:
+            feat_dim = _as_int("feat_dim", feat_dim)
+            if feat_dim < 1:
+                raise ValueError(f"{_PREFIX}.feat_dim must be >= 1, got {feat_dim}")
         return cls(
             num_crops=num_crops,
             crops_for_assign=crops_for_assign,
@@ -246,6 +295,7 @@ class SwAVPluginLoss(ClassyLoss):
             queue_length=queue_length,
             freeze_prototypes_niters=freeze,
             output_dir=str(_cfg_get(cfg, "output_dir", "")),
+            feat_dim=feat_dim,
         )
 
     # ------------------------------------------------------------------- queue
@@ -435,27 +485,70 @@ class SwAVPluginLoss(ClassyLoss):
         if not isinstance(queue, Tensor):
             error_msgs.append(f"{prefix}{_STATE_QUEUE}: expected a tensor or None")
             return
-        if queue.dim() == 3:  # one rank's queue: (n_assign, L, D)
-            queue = queue.unsqueeze(0)
-        world = _world()[1]
-        expected = (world, len(self.crops_for_assign), self.local_queue_length)
         if self.local_queue_length == 0:
             logging.warning("%s: checkpoint has a queue but the queue is off; dropped", _PREFIX)
             self._queue_all, self.queue_filled = None, 0
             return
+        self.check_state_dict(state_dict, prefix)
+        if queue.dim() == 3:  # one rank's queue: (n_assign, L, D)
+            queue = queue.unsqueeze(0)
+        world = _world()[1]
         device = self._queue_all.device if self._queue_all is not None else queue.device
-        if queue.dim() != 4 or tuple(queue.shape[:3]) != expected:
-            logging.warning(
-                "%s: checkpoint queue of shape %s does not fit (world size, assign "
-                "crops, local_queue_length) = %s; starting an empty queue",
-                _PREFIX,
-                tuple(queue.shape),
-                expected,
-            )
-            self._make_queue(queue.shape[-1], device)
+        queue = queue.detach().to(device=device, dtype=torch.float32)
+        old_world, _, old_length, _ = queue.shape
+        if (old_world, old_length) == (world, self.local_queue_length):
+            self._queue_all = queue.clone()
+            self.queue_filled = min(max(filled, 0), self.local_queue_length)
             return
-        self._queue_all = queue.detach().to(device=device, dtype=torch.float32).clone()
-        self.queue_filled = min(max(filled, 0), self.local_queue_length)
+        self._queue_all, self.queue_filled, dropped = reshard_queue(
+            queue, filled, world, self.local_queue_length
+        )
+        what = f"resharded from {old_world} to {world} ranks" if old_world != world else "resized"
+        logging.info(
+            "%s: queue %s: %d x %d -> %d x %d rows per assign crop; the %d filled rows "
+            "kept in age order (newest first on every rank), %d oldest dropped; %d of %d "
+            "rows filled per rank%s",
+            _PREFIX,
+            what,
+            old_world,
+            old_length,
+            world,
+            self.local_queue_length,
+            old_world * min(max(filled, 0), old_length) - dropped,
+            dropped,
+            self.queue_filled,
+            self.local_queue_length,
+            "" if self.queue_full else " (used once full)",
+        )
+
+    def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+        """Raise :class:`~swav_vissl_plugin.config.ConfigError` if the queue in
+        ``state_dict`` cannot be used with this loss's config: another number
+        of assign crops, or embeddings of another size than ``feat_dim``.
+        Any world size and queue length can be (see :func:`reshard_queue`);
+        with the queue off, a saved queue is dropped, not checked."""
+        queue = state_dict.get(prefix + _STATE_QUEUE)
+        if not isinstance(queue, Tensor) or self.local_queue_length == 0:
+            return  # no queue saved, or the queue is off (a saved one is dropped)
+        if queue.dim() not in (3, 4):
+            raise ConfigError(
+                f"{prefix}{_STATE_QUEUE}: a queue of shape {tuple(queue.shape)}, expected "
+                "(world size, assign crops, rows, embedding size)"
+            )
+        n_assign, dim = queue.shape[-3], queue.shape[-1]
+        if n_assign != len(self.crops_for_assign):
+            raise ConfigError(
+                f"config.{_PREFIX}.crops_for_assign: the checkpoint's queue holds "
+                f"{n_assign} assign crop(s), the config assigns from "
+                f"{len(self.crops_for_assign)} ({self.crops_for_assign}); the queue of "
+                "other crops cannot be used (resume with the checkpoint's crops_for_assign)"
+            )
+        if self.feat_dim is not None and dim != self.feat_dim:
+            raise ConfigError(
+                f"config.MODEL.HEAD.PARAMS[0][1].feat_dim: the checkpoint's queue holds "
+                f"embeddings of size {dim}, the head makes {self.feat_dim} "
+                f"({_PREFIX}.feat_dim); resume with the checkpoint's feat_dim"
+            )
 
     # --------------------------------------------------------------------- repr
     def __repr__(self) -> str:

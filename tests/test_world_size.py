@@ -10,8 +10,10 @@
 * States that cannot be used: ConfigError naming the config key.
 * ``adapt_checkpoint`` on checkpoint dicts, counters computed by hand from
   the rule in swav_vissl_plugin/world_size.py.
-* End to end through VISSL's trainer (world_size_runs.py): SwAV with its
-  queue and DeepCluster-v2 with its bank, 2 ranks -> resumed on 1 rank.
+* End to end through VISSL's trainer (world_size_probe.py): SwAV with its
+  queue and DeepCluster-v2 with its bank, 2 ranks -> resumed on 1 rank from
+  an epoch's end and from inside an epoch (the rest of the epoch is then
+  exactly the images not trained on yet).
 """
 
 import copy
@@ -668,17 +670,30 @@ SWAV_E2E = [
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, mnist_folder):
     """SwAV (queue) and DeepCluster-v2 (memory bank): 2 epochs on 2 ranks,
-    then the checkpoint of epoch 0 resumed on 1 rank (2 epochs in all)."""
+    then resumed on 1 rank (2 epochs in all) from the checkpoint of epoch 0
+    (``*1``) and from an iteration checkpoint inside epoch 0 (``*1mid``)."""
     root = tmp_path_factory.mktemp("ws_e2e")
     train = mnist_folder["train"]
-    folders = {k: root / k for k in ("swav2", "swav1", "dc2", "dc1")}
+    names = ("swav2", "dc2", "swav1", "dc1", "swav1mid", "dc1mid")
+    folders = {k: root / k for k in names}
+    keep = "config.SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS=0"
+    swav2 = [*SWAV_E2E, "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3", keep]  # after iteration 3 of 4
+    dc2 = ["config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=1", keep]  # after iteration 1 of 2
+    run = lambda name, config, world, batch, k, extra: {  # noqa: E731
+        "name": name, "overrides": _e2e_overrides(config, train, folders[name], world, batch, k, extra)
+    }
+    copy_ = lambda source, file, target: {"copy": [str(folders[source] / file), str(folders[target])]}  # noqa: E731
     spec = [
-        {"name": "swav2", "overrides": _e2e_overrides("swav_quickstart", train, folders["swav2"], 2, 8, 20, SWAV_E2E)},
-        {"name": "dc2", "overrides": _e2e_overrides("deepclusterv2_quickstart", train, folders["dc2"], 2, 16, "[20,20]")},
-        {"copy": [str(folders["swav2"] / "model_phase0.torch"), str(folders["swav1"])]},
-        {"copy": [str(folders["dc2"] / "model_phase0.torch"), str(folders["dc1"])]},
-        {"name": "swav1", "overrides": _e2e_overrides("swav_quickstart", train, folders["swav1"], 1, 8, 20, SWAV_E2E)},
-        {"name": "dc1", "overrides": _e2e_overrides("deepclusterv2_quickstart", train, folders["dc1"], 1, 16, "[20,20]")},
+        run("swav2", "swav_quickstart", 2, 8, 20, swav2),
+        run("dc2", "deepclusterv2_quickstart", 2, 16, "[20,20]", dc2),
+        copy_("swav2", "model_phase0.torch", "swav1"),
+        copy_("dc2", "model_phase0.torch", "dc1"),
+        copy_("swav2", "model_iteration3.torch", "swav1mid"),
+        copy_("dc2", "model_iteration1.torch", "dc1mid"),
+        run("swav1", "swav_quickstart", 1, 8, 20, SWAV_E2E),
+        run("dc1", "deepclusterv2_quickstart", 1, 16, "[20,20]", ()),
+        run("swav1mid", "swav_quickstart", 1, 8, 20, SWAV_E2E),
+        run("dc1mid", "deepclusterv2_quickstart", 1, 16, "[20,20]", ()),
     ]
     (root / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run(
@@ -687,12 +702,18 @@ def e2e(tmp_path_factory, mnist_folder):
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # one thread per rank: 2 ranks on 2 cores
     )
     results = json.loads((root / "results.json").read_text()) if (root / "results.json").exists() else {}
-    for name in ("swav2", "dc2", "swav1", "dc1"):
+    for name in names:
         record = results.get(name) or {"error": f"not run (rc {proc.returncode}): {proc.stderr[-3000:]}"}
         assert record.get("ok"), f"{name}: {record['error']}"
     probe = lambda name, rank=0: torch.load(folders[name] / "ws_probe" / f"rank{rank}.pt", weights_only=True)  # noqa: E731
     saved = {k: torch.load(folders[k] / "model_phase0.torch", weights_only=True) for k in ("swav2", "dc2")}
+    saved["swav2mid"] = torch.load(folders["swav1mid"] / "model_iteration3.torch", weights_only=True)
+    saved["dc2mid"] = torch.load(folders["dc1mid"] / "model_iteration1.torch", weights_only=True)
     return probe, saved
+
+
+def _epoch_images(steps, epoch):
+    return sorted(i for s in steps if s["epoch"] == epoch for i in s["images"])
 
 
 def test_e2e_swav_queue_resumed_on_fewer_ranks(e2e):
@@ -752,4 +773,44 @@ def test_e2e_deepcluster_bank_resumed_on_fewer_ranks(e2e):
     # then rewrote it: each image once, with this run's embeddings
     (phase,) = one["phases"]
     assert phase["epoch"] == 1 and bool((phase["labels"] >= 0).all())
+    assert sorted(one["end"]["index"].tolist()) == list(range(E2E_IMAGES))
+
+
+def test_e2e_resumed_inside_an_epoch_continues_it_exactly(e2e):
+    probe, saved = e2e
+    two = [probe("swav2", r) for r in range(WORLD)]
+    # SwAV: 3 of 4 iterations of epoch 0 at 2 x 8 = 48 images = 6 iterations at 1 x 8
+    assert saved["swav2mid"]["iteration"] == 3 and saved["swav2mid"]["swav_plugin"]["mode"] == "iteration"
+    one = probe("swav1mid")
+    assert "inside phase 0: 3 -> 6 iterations done" in "\n".join(one["log"])
+    assert "queue resharded from 2 to 1 ranks" in "\n".join(one["log"])
+    assert one["start"]["iteration"] == 6 and one["start"]["num_updates"] == 6 * 8
+    assert [s["iteration"] for s in one["steps"]] == list(range(6, 16))
+    # the rest of epoch 0 is exactly the images the 2 ranks had not trained on yet
+    before = sorted(i for r in two for s in r["steps"] if s["iteration"] < 3 for i in s["images"])
+    after = _epoch_images(one["steps"], 0)
+    assert len(before) == 48 and len(after) == 16 and sorted(before + after) == list(range(E2E_IMAGES))
+    assert _epoch_images(one["steps"], 1) == list(range(E2E_IMAGES))
+    base = 0.3 * 8 / 256  # LR of the new global batch at iteration 6 of 16
+    expected = base / 1000 + 0.5 * (base - base / 1000) * (1 + math.cos(math.pi * 6 / 16))
+    assert one["steps"][0]["lr"] == pytest.approx(expected, rel=1e-9)
+
+    # DeepCluster-v2: 1 of 2 iterations of epoch 0 at 2 x 16 = 2 of 4 at 1 x 16
+    ck = saved["dc2mid"]
+    assert ck["iteration"] == 1 and ck["loss"]["memory_position"] == 16
+    one = probe("dc1mid")
+    log = "\n".join(one["log"])
+    assert "inside phase 0: 1 -> 2 iterations done" in log and "memory bank resharded from 2 to 1 ranks" in log
+    assert one["start"]["iteration"] == 2 and one["start"]["position"] == 32
+    # the 32 rows this epoch wrote first (the rest of the epoch writes after them),
+    # then the fill pass's rows of the 32 images not seen yet
+    written = {int(ck["loss"]["memory_index"][r, j]) for r in range(WORLD) for j in range(16)}
+    assert set(one["start"]["index"][:32].tolist()) == written
+    assert sorted(one["start"]["index"].tolist()) == list(range(E2E_IMAGES))
+    # epoch 0's clustering came with the checkpoint (not redone); the epoch
+    # then ended with every image written once
+    assert [p["epoch"] for p in one["phases"]] == [0, 1]
+    assert torch.equal(one["phases"][0]["labels"], ck["loss"]["labels"])
+    rest = _epoch_images(one["steps"], 0)
+    assert sorted(rest + sorted(written)) == list(range(E2E_IMAGES))
     assert sorted(one["end"]["index"].tolist()) == list(range(E2E_IMAGES))

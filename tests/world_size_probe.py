@@ -14,7 +14,8 @@ the hook that records what they did (imported by VISSL's spawned workers).
 the counters and the loss's queue or memory bank right after the trainer
 started (after any checkpoint was loaded), the memory bank and label table
 at every training phase start, one record per step (iteration, LR, where,
-num_updates, whether the queue was used), the bank at the end, and the log
+num_updates, whether the queue was used, the step's dataset indices), the
+bank at the end, and the log
 lines of the plugin's resume and resharding.
 """
 
@@ -84,9 +85,14 @@ class WorldSizeProbe(NoopHook):
         if task.train:
             self.record["phases"].append({"epoch": int(task.train_phase_idx), **_loss_state(task.base_loss)})
 
+    def on_forward(self, task) -> None:
+        if task.train:  # the images of the step (data_idx is replicated per crop)
+            self.images = sorted(set(task.last_batch.sample["data_idx"][0].reshape(-1).tolist()))
+
     def on_update(self, task) -> None:
         self.record["steps"].append(
             {
+                "images": self.images,
                 "iteration": int(task.iteration),
                 "epoch": int(task.train_phase_idx),
                 "lr": float(task.optimizer.options_view.lr),

@@ -428,6 +428,17 @@ def test_bank_reshard_duplicates_capacity_and_uneven_split():
         reshard_bank(emb, idx, torch.tensor([3, 3]), 2, 3)
 
 
+def test_iterations_per_phase_is_the_length_of_vissls_train_loader(dist_results):
+    # the sampler VISSL builds on 2 ranks (plain DistributedSampler, or the
+    # plugin's resumable one for USE_STATEFUL_DISTRIBUTED_SAMPLER), 37 and 40
+    # images, batch 4, with and without DROP_LAST
+    for rank in range(WORLD):
+        lengths = dist_results["ranks"][rank]["loader_lengths"]
+        assert len(lengths) == 8 and all(loader == ours for loader, ours in lengths), lengths
+        # ceil(37 / 2) = 19 images per rank: 4 batches with DROP_LAST, else 5
+        assert [loader for loader, _ in lengths[:2]] == [5, 5] and lengths[2][0] == 4
+
+
 # ------------------------------------------------------- unusable states
 def test_queue_of_other_crops_or_size_names_the_key():
     from swav_vissl_plugin.losses.swav import SwAVPluginLoss

@@ -13,10 +13,12 @@ compat.apply_all()
 from swav_vissl_plugin import (  # noqa: E402  (registration must follow the patches)
     cluster_hooks,
     clustering,
+    data_source,
     heads,
     hooks,
     linear_eval,
     losses,
+    nonfinite,
     optim,
     transforms,
     train_step,
@@ -35,4 +37,5 @@ REGISTERED = {
     "optimizer": ["swav_plugin_larc"],
     "param_scheduler": ["swav_plugin_warmup_cosine"],
     "train_step": ["swav_plugin_train_step"],
+    "data_source": ["swav_plugin_disk_folder", "swav_plugin_disk_filelist"],
 }

@@ -443,14 +443,22 @@ def register_loss_inference(loss_name: str):
     return wrap
 
 
-def infer_and_validate(cfg, auto_scale_lr: bool = False):
-    """Check and complete a VISSL ``config`` (AttrDict) in place; returns it."""
+def infer_and_validate(cfg, auto_scale_lr: bool = False, check_data: bool = False):
+    """Check and complete a VISSL ``config`` (AttrDict) in place; returns it.
+
+    ``check_data``: also check that every disk data path the run reads
+    exists and holds images (:func:`swav_vissl_plugin.data_source.check_data_paths`).
+    """
     _check_registered(cfg)
     _check_runtime(cfg)
     _infer_recipe_scaling(cfg)
     if cfg.LOSS.name in LOSS_INFERENCE:
         LOSS_INFERENCE[cfg.LOSS.name](cfg)
     _infer_lr(cfg, auto_scale_lr)
+    if check_data:  # after the config's own values: this one reads the file system
+        from swav_vissl_plugin.data_source import check_data_paths
+
+        check_data_paths(cfg)
     for warning in recipe_warnings(cfg):
         logger.warning("%s", warning)
     return cfg
@@ -458,6 +466,11 @@ def infer_and_validate(cfg, auto_scale_lr: bool = False):
 
 def compose(overrides: Sequence[str], dump_config: bool = True):
     """VISSL's composition of ``overrides`` plus the plugin's inference.
+
+    ``dump_config`` composes the config of a run, as VISSL's command line
+    does: its data paths are checked (before any rank or data-loader worker
+    starts), then ``train_config.yaml`` is written. Without it the config is
+    only composed and checked (e.g. to inspect a row without its data).
 
     Returns ``(args, config)`` like ``vissl.utils.hydra_config.convert_to_attrdict``.
     """
@@ -481,7 +494,7 @@ def compose(overrides: Sequence[str], dump_config: bool = True):
         raise ConfigError(f"VISSL rejected the config: {e}") from e
     if ours:
         config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale = True
-    infer_and_validate(config, auto_scale_lr=ours)
+    infer_and_validate(config, auto_scale_lr=ours, check_data=dump_config)
     if dump_config:
         _dump(config)
     return args, config

@@ -17,9 +17,14 @@ meet the trainer, so that no component reaches into another:
 * the monitoring hooks of :mod:`swav_vissl_plugin.monitoring` (TensorBoard
   signals, collapse warning, cluster sizes) and :mod:`swav_vissl_plugin.knn`
   (kNN monitor), as ``config.SWAV_PLUGIN.MONITOR`` asks.
+* :class:`~swav_vissl_plugin.nonfinite.NonFiniteLossHook` (stops at the first
+  non-finite loss, output or parameter, before any checkpoint holds it) and
+  :class:`~swav_vissl_plugin.data_source.UnreadableImagesHook` (counts and
+  names the samples replaced because their file was unreadable).
 
-:func:`swav_plugin_hook_generator` returns VISSL's default hooks plus these,
-and is what the plugin's launcher hands to VISSL.
+:func:`swav_plugin_hook_generator` returns VISSL's default hooks (without
+its NaN checks, which ``NonFiniteLossHook`` replaces) plus these, and is what
+the plugin's launcher hands to VISSL.
 """
 
 import logging
@@ -134,9 +139,13 @@ def plugin_hooks(cfg) -> List[ClassyHook]:
     the monitors of ``config.SWAV_PLUGIN.MONITOR``
     (:func:`swav_vissl_plugin.monitoring.monitoring_hooks`; after the loss's
     hooks, so they see each step's finished state)."""
+    from swav_vissl_plugin.data_source import UnreadableImagesHook
     from swav_vissl_plugin.monitoring import monitoring_hooks
+    from swav_vissl_plugin.nonfinite import NonFiniteLossHook
 
-    hooks: List[ClassyHook] = [WarmupCosineIterationsHook()]
+    # NonFiniteLossHook first: its on_update check must precede every other
+    # hook's reaction to the step (see swav_vissl_plugin/nonfinite.py).
+    hooks: List[ClassyHook] = [NonFiniteLossHook(), UnreadableImagesHook(), WarmupCosineIterationsHook()]
     if cfg.LOSS.name in LOSS_HOOKS:
         hooks += LOSS_HOOKS[cfg.LOSS.name](cfg)
     hooks += monitoring_hooks(cfg)
@@ -146,8 +155,11 @@ def plugin_hooks(cfg) -> List[ClassyHook]:
 def swav_plugin_hook_generator(cfg) -> List[ClassyHook]:
     """VISSL's ``default_hook_generator`` plus the plugin's hooks."""
     # Imported here as VISSL's launcher does: submitit jobs must import it late.
-    from vissl.hooks import default_hook_generator
+    from vissl.hooks import CheckNanLossHook, CheckNanModelOutputHook, default_hook_generator
 
     ours = plugin_hooks(cfg)
     logging.info("swav_vissl_plugin hooks: %s", [type(h).__name__ for h in ours])
-    return default_hook_generator(cfg) + ours
+    # NonFiniteLossHook replaces VISSL's NaN checks (HOOKS.CHECK_NAN), which
+    # name no rank and try to checkpoint the broken model.
+    vissl = [h for h in default_hook_generator(cfg) if not isinstance(h, (CheckNanLossHook, CheckNanModelOutputHook))]
+    return vissl + ours

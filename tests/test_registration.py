@@ -17,11 +17,13 @@ from vissl.models.heads import MODEL_HEADS_REGISTRY
 from vissl.models.trunks import MODEL_TRUNKS_REGISTRY
 from vissl.trainer.train_steps import TRAIN_STEP_REGISTRY
 from vissl.data.ssl_transforms import ssl_transforms_wrapper as w
+from vissl.data import DATASET_SOURCE_MAP
 if sys.argv[1] == "plugin":
     import swav_vissl_plugin  # noqa
 regs = dict(loss=LOSS_REGISTRY, model_head=MODEL_HEADS_REGISTRY, model_trunk=MODEL_TRUNKS_REGISTRY,
             transform=TRANSFORM_REGISTRY, collator=COLLATOR_REGISTRY, optimizer=OPTIMIZER_REGISTRY,
-            param_scheduler=PARAM_SCHEDULER_REGISTRY, train_step=TRAIN_STEP_REGISTRY)
+            param_scheduler=PARAM_SCHEDULER_REGISTRY, train_step=TRAIN_STEP_REGISTRY,
+            data_source=DATASET_SOURCE_MAP)
 out = {k: {n: f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', repr(v))}" for n, v in r.items()}
        for k, r in regs.items()}
 out["copies"] = list(w._TRANSFORMS_WITH_COPIES)

@@ -6,7 +6,9 @@ colour jitter (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2, PIL Gaussian
 blur p 0.5 radius U(0.1, 2), ToTensor, Normalize(mean, std of the recipe)):
 
 * ``plugin``: ``SwavPluginMultiCrop`` through VISSL's transform wrapper (as
-  VISSL's dataset calls it);
+  VISSL's dataset calls it; values equal to the torchvision chain's for the
+  same random parameters except resize (within 1 level) and blur (within 3
+  levels), see swav_vissl_plugin/transforms.py);
 * ``vissl``: VISSL 0.1.6's built-in chain, as in its quick_swav config:
   ``ImgPilToMultiCrop``, ``RandomHorizontalFlip``, ``ImgPilColorDistortion``,
   ``ImgPilGaussianBlur``, ``ToTensor``, ``Normalize`` through the same wrapper;
@@ -149,7 +151,8 @@ def pipelines(cfg):
 
 def output_stats(run, jpegs, n_images, seed=0):
     """Per crop size: number of crops, per-channel mean and std of the
-    normalised outputs over ``n_images`` images (the distribution check)."""
+    normalised outputs over ``n_images`` images, and per crop its channel
+    means and standard deviations (the distribution check)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -166,13 +169,59 @@ def output_stats(run, jpegs, n_images, seed=0):
             "mean": x.mean(dim=(0, 2, 3)).tolist(),
             "std": x.std(dim=(0, 2, 3)).tolist(),
             "crop_mean_sd": per_crop_mean.std(dim=0).tolist(),
+            "crop_means": per_crop_mean.tolist(),
+            "crop_stds": x.std(dim=(2, 3)).tolist(),
         }
     return out
+
+
+def stage_times(cfg, jpegs, n_images):
+    """Where the plugin's time goes: process CPU time per image (ms) of each
+    step (decode, parameter draw, source copy, the steps timed inside
+    ``SwavPluginMultiCrop.render_levels``, ToTensor + Normalize), each image
+    followed by one image of the straightforward pipeline (same process,
+    same conditions) for comparison."""
+    import time
+
+    import swav_vissl_plugin  # noqa: F401
+    from swav_vissl_plugin.transforms import SwavPluginMultiCrop, _as_uint8_tensor
+
+    tr = SwavPluginMultiCrop.from_config(dict(cfg, mean=MEAN, std=STD))
+    straightforward = straightforward_pipeline(cfg)
+    totals = {}
+
+    def add(name, t0):
+        totals[name] = totals.get(name, 0.0) + time.process_time() - t0
+
+    for i in range(n_images + 2):
+        if i == 2:  # the first two warm up
+            totals.clear()
+        data = jpegs[i % len(jpegs)]
+        t0 = time.process_time()
+        img = decode(data)
+        add("decode", t0)
+        t0 = time.process_time()
+        params = tr.sample_params(*img.size)
+        add("sample_params", t0)
+        t0 = time.process_time()
+        source = _as_uint8_tensor(img)
+        add("source copy", t0)
+        levels = tr.render_levels(source, params, timers=totals)
+        t0 = time.process_time()
+        for x in levels:
+            x.mul_(tr._scale_t).add_(tr._shift_t)
+        add("ToTensor + Normalize", t0)
+        t0 = time.process_time()
+        straightforward(data)
+        add("(straightforward pipeline)", t0)
+    return {name: 1e3 * t / n_images for name, t in totals.items()}
 
 
 def main(argv=None):
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--images-per-round", type=int, default=None)
+    p.add_argument("--stages", type=int, default=0, metavar="N",
+                   help="also time the plugin's steps over N images (see stage_times)")
     args = p.parse_args(argv)
     C.setup_torch(args.threads)
     info = C.machine_info(args.threads)
@@ -213,6 +262,8 @@ def main(argv=None):
     result["machine"]["load_after"] = C.load_avg()
     if args.profile:
         result["profiles"] = {name: C.cprofile(fn, calls=40 if not args.tiny else 2) for name, fn in fns.items()}
+    if args.stages:
+        result["stages_ms_per_image"] = stage_times(cfg, jpegs, args.stages)
     C.write_json(args.json, result)
     print(report(result))
     for name, text in result.get("profiles", {}).items():
@@ -222,6 +273,12 @@ def main(argv=None):
 
 def report(result):
     out = []
+    if "stages_ms_per_image" in result:
+        st = result["stages_ms_per_image"]
+        plugin = sum(v for k, v in st.items() if not k.startswith("("))
+        rows = [[k, "%.2f" % v] for k, v in st.items()] + [["plugin, all steps", "%.2f" % plugin]]
+        out.append("plugin steps (process CPU ms per image)\n")
+        out.append(C.md_table(["step", "ms / image"], rows) + "\n")
     for kind in ("cpu", "wall"):
         s = result["timing"][kind]["summary"]
         ips = result["images_per_second"][kind]

@@ -17,8 +17,11 @@ release, i.e. the recipe line (``docs/recipe.md``, row
 
 The augmentation *distribution* is that of the torchvision chain above (same
 crop-box sampling with 10 attempts and centre-crop fallback, same colour
-jitter factor ranges and random order, same PIL operations); the
-implementation is faster:
+jitter factor ranges and random order, same blur radius range); the values
+are torchvision's for the same random parameters, exactly for the flip,
+colour jitter and grayscale, within 1 level for the resize and within 3
+levels for the blur (tests/test_transforms.py). The implementation is
+faster:
 
 * all random numbers of all crops of one image come from a single
   ``torch.rand`` call: on the per-sample stream the data source opened
@@ -30,15 +33,18 @@ implementation is faster:
   on the box (channels-last SIMD kernels): the filter of PIL's
   ``resize(BILINEAR)`` that torchvision's ``RandomResizedCrop`` applies,
   with values within 1 of PIL's (fixed-point rounding);
-* colour jitter, grayscale and blur run on the small resized crop;
-  brightness/contrast/saturation are the PIL ``ImageEnhance`` blends that
-  torchvision uses, called directly; the hue shift (PIL's HSV round trip,
-  the costliest step) is a table-driven NumPy version that is bit-exact with
-  torchvision's ``adjust_hue`` and 2-3x faster;
-* grayscale crops stay single-channel ``L`` images until tensor conversion
-  (then broadcast to 3 channels);
-* ToTensor + Normalize is one fused ``x * 1/(255 std) - mean/std`` (NumPy,
-  float32) over all crops of the same config entry at once.
+* every crop then lives in one float32 buffer of 8-bit levels per crop size,
+  from the resize to the normalised output (no PIL images, no 8-bit round
+  trips): brightness, contrast, saturation and grayscale are PIL's blends
+  and ``convert("L")`` written as the same float32 operations; the hue shift
+  is PIL's HSV round trip in closed form (hue byte from PIL's own table,
+  exact rational arithmetic for the rest, equal to torchvision's
+  ``adjust_hue`` for every colour and shift);
+* the Gaussian blur is PIL's six box passes composed into one linear
+  operator per axis, applied as (banded) matrix products to all blurred
+  crops of a size, rounded once;
+* ToTensor + Normalize is one fused ``x * 1/(255 std) - mean/std`` in place
+  over all crops of the same size.
 
 Importing this module also appends ``"SwavPluginMultiCrop"`` to VISSL's
 ``_TRANSFORMS_WITH_COPIES`` (so ``SSLTransformsWrapper`` flattens the crop
@@ -47,8 +53,11 @@ registers the collator ``"swav_plugin_multicrop_collator"``, whose output has
 exactly the structure, shapes and dtypes of VISSL's ``multicrop_collator``.
 """
 
+import functools
 import math
 import numbers
+import threading
+import time
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -56,7 +65,7 @@ import numpy as np
 import torch
 from classy_vision.dataset.transforms import register_transform
 from classy_vision.dataset.transforms.classy_transform import ClassyTransform
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import default_collate
 from vissl.data.collators import register_collator
 from vissl.data.collators.collator_helper import MultiDimensionalTensor
@@ -185,10 +194,10 @@ def _as_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def _resized_crop(source: torch.Tensor, p: CropParams) -> np.ndarray:
-    """Crop ``p``'s box of ``source`` (``(H, W, 3)`` uint8) and resize it to
-    ``p.size`` square, bilinear with antialiasing (flipped if ``p.flip``):
-    ``(size, size, 3)`` uint8.
+def _resized_crop_into(source: torch.Tensor, p: CropParams, out: np.ndarray) -> None:
+    """Crop ``p``'s box of ``source`` (``(H, W, 3)`` uint8), resize it to
+    ``p.size`` square, bilinear with antialiasing, flip it if ``p.flip``, and
+    write it planar into ``out`` (``(3, size, size)``, any dtype).
 
     torchvision's ``RandomResizedCrop`` on a PIL image is PIL's crop then
     ``resize(BILINEAR)`` (a triangle filter widened by the downscaling factor,
@@ -196,221 +205,392 @@ def _resized_crop(source: torch.Tensor, p: CropParams) -> np.ndarray:
     ``interpolate(mode="bilinear", antialias=True)`` implements the same
     filter (ported from Pillow) with SIMD kernels for channels-last RGB, about
     twice as fast; its values differ from PIL's by at most 1 (fixed-point
-    rounding; tests/test_transforms.py checks it). A box already of the
-    output size is copied as it is."""
+    rounding; tests/test_transforms.py checks it). The flip is a reversed
+    view read by the one copy that makes the crop planar."""
     box = source[p.top : p.top + p.height, p.left : p.left + p.width]
     if p.height == p.size and p.width == p.size:
-        out = box.clone()  # never hand out a view of the (read-only) source
+        hwc = box.numpy()
     else:
-        x = box.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        out = torch.nn.functional.interpolate(
-            x, size=(p.size, p.size), mode="bilinear", antialias=True, align_corners=False
-        )[0].permute(1, 2, 0)
-    if p.flip:
-        out = out.flip(1)
-    return np.ascontiguousarray(out.numpy())
+        ws = _workspace(p.size)
+        x = _box_buffer(p.height * p.width * 3)[: p.height * p.width * 3]
+        x = x.view(1, p.height, p.width, 3)
+        x.copy_(box)
+        y = ws.resized  # (1, 3, size, size) channels-last
+        torch.ops.aten._upsample_bilinear2d_aa.out(
+            x.permute(0, 3, 1, 2), [p.size, p.size], False, None, None, out=y
+        )
+        hwc = y[0].permute(1, 2, 0).numpy()  # channels-last memory: a plain view
+    chw = hwc.transpose(2, 0, 1)
+    np.copyto(out, chw[:, :, ::-1] if p.flip else chw, casting="unsafe")
 
 
-def _adjust_brightness(img: Image.Image, factor: float) -> Image.Image:
-    # == PIL ImageEnhance.Brightness (torchvision's PIL adjust_brightness)
-    return Image.blend(Image.new("RGB", img.size, 0), img, factor)
+# ---------------------------------------------------------------------------
+# Colour operations on float32 planar crops.
+#
+# A crop is a (3, P) float32 array of 8-bit levels (integers 0..255), changed
+# in place. Each operation computes, level for level, what torchvision's PIL
+# functions compute on the 8-bit image (tests/test_transforms.py compares
+# them on every hue shift and on random factors):
+# * PIL's Image.blend(a, b, alpha) computes per byte, in float32,
+#   ``t = a + alpha * (b - a)`` (two roundings) and stores 0 if t <= 0, 255 if
+#   t >= 255, else trunc(t): brightness (a = 0), contrast (a = the rounded
+#   mean grey level, ImageEnhance.Contrast) and saturation (a = the pixel's
+#   grey level, ImageEnhance.Color) are those float32 operations, without the
+#   round trips through 8-bit images.
+# * PIL's RGB -> L is ``(19595 r + 38470 g + 7471 b + 0x8000) >> 16``; the
+#   products and sums stay below 2**24, so a float32 product is exact.
+# Working on float32 levels in place keeps every crop in one buffer from the
+# resize to the normalised output (no PIL images, no 8-bit copies).
+# ---------------------------------------------------------------------------
+_F32 = np.float32
+_LUMA_W = np.array([[19595.0, 38470.0, 7471.0]], dtype=np.float32)
+_HUE = 3  # index of the hue adjustment in JitterParams.order
 
 
-_LEVELS = np.arange(256, dtype=np.float64)
+class _Workspace:
+    """Work arrays for crops of up to ``size x size`` pixels.
+
+    Kept per thread and reused from image to image (:func:`_workspace`), so
+    that the colour operations, the resize and the blur allocate no
+    temporaries (freshly allocated memory costs a page fault per 4 KiB on
+    first touch)."""
+
+    def __init__(self, size: int):
+        P = size * size
+        self.v = np.empty(P, np.float32)
+        self.c = np.empty(P, np.float32)
+        self.t = np.empty(P, np.float32)
+        self.u = np.empty(P, np.float32)
+        self.idx = torch.empty(P, dtype=torch.int32)
+        self.K = np.empty((3, P), np.float32)
+        self.K2 = np.empty((3, P), np.float32)
+        self.L = np.empty((1, P), np.float32)
+        self.resized = torch.empty((1, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        self.blur: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def blur_buffers(self, size: int, h: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row- and column-padded ``(size + 2h, 3 size)`` and ``(3 size,
+        size + 2h)`` buffers whose margins stay zero."""
+        if h not in self.blur:
+            self.blur[h] = (
+                torch.zeros((size + 2 * h, 3 * size)),
+                torch.zeros((3 * size, size + 2 * h)),
+            )
+        return self.blur[h]
 
 
-def _adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
-    # == PIL ImageEnhance.Contrast: blend with the rounded mean grey level
-    # (the mean of the "L" histogram, as ImageStat computes it: an exact
-    # integer sum divided in float64)
-    hist = np.asarray(img.convert("L").histogram(), dtype=np.float64)
-    mean = int(float(hist @ _LEVELS) / (img.size[0] * img.size[1]) + 0.5)
-    return Image.blend(Image.new("RGB", img.size, (mean, mean, mean)), img, factor)
+_TLS = threading.local()
 
 
-def _adjust_saturation(img: Image.Image, factor: float) -> Image.Image:
-    # == PIL ImageEnhance.Color: blend with the grey version
-    return Image.blend(img.convert("L").convert("RGB"), img, factor)
+def _workspace(size: int) -> _Workspace:
+    cache = getattr(_TLS, "workspaces", None)
+    if cache is None:
+        cache = _TLS.workspaces = {}
+    if size not in cache:
+        cache[size] = _Workspace(size)
+    return cache[size]
 
 
-def _build_hue_tables():
-    """Lookup tables that make :func:`_hue_shift` bit-exact with PIL's
-    ``convert("HSV")`` / ``convert("RGB")`` round trip (Pillow's Convert.c).
+def _box_buffer(numel: int) -> torch.Tensor:
+    """A per-thread uint8 buffer of at least ``numel`` bytes (crop boxes)."""
+    buf = getattr(_TLS, "box", None)
+    if buf is None or buf.numel() < numel:
+        buf = _TLS.box = torch.empty(numel, dtype=torch.uint8)
+    return buf
 
-    * hue byte of an RGB pixel: a function of ``(r - g, g - b)``; the table is
-      filled by PIL itself from one representative pixel per pair;
-    * saturation byte: a function of ``(max - min, max)``, filled by PIL;
-    * HSV -> RGB: the output is a permutation (by hue sector) of ``v``,
-      ``p = round(v (1 - fs))`` and ``m = round(v X[h, s])`` where ``X`` is
-      ``1 - fs f`` (float32 product, odd sectors) or ``1 - fs (1 - f)``
-      (double, even sectors), ``f``/``fs`` float32 as in Pillow's C code.
-    Checked exhaustively against PIL over all 2**24 colours when written;
-    tests/test_transforms.py re-checks a colour grid for every hue shift.
-    """
+
+def _luma(X: np.ndarray, ws: _Workspace) -> np.ndarray:
+    """PIL's ``convert("L")`` of the planar crop ``X``: ``(1, P)`` levels."""
+    L = np.matmul(_LUMA_W, X, out=ws.L[:, : X.shape[1]])
+    L += _F32(32768.0)
+    L *= _F32(1.0 / 65536.0)
+    return np.floor(L, out=L)
+
+
+def _clip_trunc(X: np.ndarray) -> None:
+    # torch's clamp_ on the same memory: 2.5x faster than np.clip here
+    torch.from_numpy(X).clamp_(0.0, 255.0).trunc_()
+
+
+def _brightness_(X: np.ndarray, factor: float, ws: _Workspace) -> None:
+    # ImageEnhance.Brightness: blend with black, 0 + f * (x - 0) == f * x.
+    X *= _F32(factor)
+    _clip_trunc(X)
+
+
+def _contrast_(X: np.ndarray, factor: float, ws: _Workspace) -> None:
+    # ImageEnhance.Contrast: blend with the grey level int(mean(L) + 0.5),
+    # the mean as ImageStat computes it (exact integer sum / pixel count).
+    L = _luma(X, ws)
+    m = _F32(int(float(L.sum(dtype=np.float64)) / L.size + 0.5))
+    X -= m
+    X *= _F32(factor)
+    X += m
+    _clip_trunc(X)
+
+
+def _saturation_(X: np.ndarray, factor: float, ws: _Workspace) -> None:
+    # ImageEnhance.Color: blend with the pixel's own grey level.
+    L = _luma(X, ws)
+    X -= L
+    X *= _F32(factor)
+    X += L
+    _clip_trunc(X)
+
+
+def _grayscale_(X: np.ndarray, ws: _Workspace) -> None:
+    # RandomGrayscale: PIL's convert("L") broadcast to the 3 channels.
+    X[:] = _luma(X, ws)
+
+
+def _build_hue_table() -> np.ndarray:
+    """PIL's hue byte (``convert("HSV")``, Pillow's Convert.c, float
+    arithmetic) as a function of ``(r - g, g - b)``, filled by PIL itself
+    from one pixel per pair: index ``(r - g) * 511 + (g - b) + 130560``."""
     d1, d2 = np.meshgrid(np.arange(-255, 256), np.arange(-255, 256), indexing="ij")
     r, g, b = d1, np.zeros_like(d1), -d2
     low = np.minimum(np.minimum(r, g), b)
     r, g, b = r - low, g - low, b - low
     fits = np.maximum(np.maximum(r, g), b) <= 255
     pix = np.stack([np.where(fits, c, 0) for c in (r, g, b)], -1).astype(np.uint8)
-    hue_of_diffs = np.asarray(Image.fromarray(pix).convert("HSV"))[..., 0].ravel().copy()
-
-    chroma, vmax = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
-    low = np.where(chroma <= vmax, vmax - chroma, 0)
-    pix = np.stack([vmax, low, low], -1).astype(np.uint8)
-    sat_of_chroma_max = np.asarray(Image.fromarray(pix).convert("HSV"))[..., 1].ravel().copy()
-
-    hf = np.arange(256, dtype=np.float64) * 6.0 / 255.0
-    sector = np.floor(hf)
-    f = (hf - sector).astype(np.float32)
-    odd = (sector.astype(np.int64) % 6) % 2 == 1
-    fs = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
-    x_q = 1.0 - (fs[None, :] * f[:, None]).astype(np.float64)
-    x_t = 1.0 - fs[None, :].astype(np.float64) * (1.0 - f[:, None].astype(np.float64))
-    x_m = np.where(odd[:, None], x_q, x_t).ravel()  # index h * 256 + s
-    y = (1.0 - fs.astype(np.float64))[:, None] * np.arange(256)[None, :]
-    p_of_sv = (y + 0.5).astype(np.uint8).ravel()  # index s * 256 + v
-    return hue_of_diffs, sat_of_chroma_max, x_m, p_of_sv
+    return np.asarray(Image.fromarray(pix).convert("HSV"))[..., 0].ravel().astype(np.float32)
 
 
-_HUE_OF_DIFFS, _SAT_OF_CHROMA_MAX, _X_M, _P_OF_SV = _build_hue_tables()
+_HUE_OF_DIFFS = _build_hue_table()
+_HUE_OF_DIFFS_T = torch.from_numpy(_HUE_OF_DIFFS)
+_HUE_INDEX_OFFSET = 255.0 * 511.0 + 255.0
+# Phase of R, G, B on the hue circle in 1/255 of a sector (6 sectors = 1530),
+# minus the centre 510 of the ramp X (see _hue_).
+_HUE_PHASE = np.array([[5 * 255.0 - 510], [3 * 255.0 - 510], [1 * 255.0 - 510]], dtype=np.float32)
 
 
-def _hue_shift(arr: np.ndarray, shift) -> np.ndarray:
-    """(..., 3) uint8 RGB -> same, hue byte shifted by ``shift`` (mod 256)
-    through HSV exactly as PIL computes it, ~2-3x faster than PIL.
+def _hue_(X: np.ndarray, shift: int, ws: _Workspace) -> None:
+    """torchvision's PIL ``adjust_hue``: the HSV round trip with the hue byte
+    shifted by ``shift`` modulo 256, level for level.
 
-    ``shift``: an int, or a uint8 array with one shift per pixel (several
-    crops with different shifts converted in one call)."""
-    u8 = np.uint8
-    n = arr.size // 3
-    planes = np.ascontiguousarray(arr.reshape(n, 3).T)
-    r, g, b = planes[0], planes[1], planes[2]
-    # RGB -> HSV
-    gi = g.astype(np.int32)
-    idx = r.astype(np.int32)
-    idx -= gi
-    idx *= 511
-    idx += gi
-    idx -= b
-    idx += 255 * 511 + 255
-    h = _HUE_OF_DIFFS.take(idx)
-    v = np.maximum(np.maximum(r, g), b)
-    chroma = np.minimum(np.minimum(r, g), b)
-    np.subtract(v, chroma, out=chroma)
-    idx = chroma.astype(np.int32)
-    idx <<= 8
-    idx += v
-    s = _SAT_OF_CHROMA_MAX.take(idx)
-    # shift (wraps around, as torchvision's uint8 addition)
-    if isinstance(shift, np.ndarray):
-        h += shift.astype(u8, copy=False).reshape(-1)
-    else:
-        h += u8(int(shift) % 256)
-    # HSV -> RGB
-    idx = h.astype(np.int32)
-    idx <<= 8
-    idx += s
-    y = _X_M.take(idx)
-    y *= v
-    y += 0.5
-    m = y.astype(u8)  # == C round() for every (h, s, v)
-    np.left_shift(s.astype(np.int32), 8, out=idx)
-    idx += v
-    p = _P_OF_SV.take(idx)
-    # sector = floor(6 h / 255) mod 6; per channel pick v, m or p
-    a43, a85, a128 = h >= 43, h >= 85, h >= 128
-    a170, a213, e255 = h >= 170, h >= 213, h == 255
-    n43 = ~a43
-    picks = (
-        (n43 | a213, (a43 ^ a85) | (a170 ^ a213)),  # R: v in sectors 0,5; m in 1,4
-        (a43 ^ a128, n43 | (a128 ^ a170) | e255),  # G: v in 1,2; m in 0,3
-        (a128 ^ a213, (a85 ^ a128) | (a213 ^ e255)),  # B: v in 3,4; m in 2,5
+    RGB -> HSV: ``v = max``, the saturation byte ``s = floor(255 (max -
+    min) / max)`` (exact rational arithmetic equals PIL's float code for
+    every (chroma, max) pair) and the hue byte ``h`` from PIL's own table
+    (:func:`_build_hue_table`; its float rounding differs from exact
+    arithmetic on 0.2 % of the colours, so it is looked up, not computed).
+    HSV -> RGB: with ``h' = (h + shift) mod 256``, each channel ``n`` is ``v
+    - round(v s X_n / 65025)`` where ``X_n = clip(510 - d_n, 0, 255)``,
+    ``d_n`` the distance on a circle of 1530 between ``6 h' + phase_n``
+    (``phase`` 5, 3, 1 sectors of 255 for R, G, B) and 510: the channel's
+    position on PIL's piecewise-linear hue ramp in 1/255 units (255: PIL's
+    ``p``, 0: ``v``, else its ``q`` or ``t``). Evaluated as ``rint(X_n * (v s
+    / 65025))`` in float32 this rounding equals PIL's for all 2**24 (v, s, X)
+    (checked exhaustively when written; the tests compare whole images)."""
+    r, g, b = X
+    P = X.shape[1]
+    v = np.maximum(r, g, out=ws.v[:P])
+    np.maximum(v, b, out=v)
+    c = np.minimum(r, g, out=ws.c[:P])
+    np.minimum(c, b, out=c)
+    np.subtract(v, c, out=c)  # chroma
+    t = np.subtract(r, g, out=ws.t[:P])
+    t *= _F32(511.0)
+    t += g
+    t -= b
+    t += _F32(_HUE_INDEX_OFFSET)
+    # PIL's hue byte by table look-up (torch's int32 gather: faster than np.take)
+    idx = ws.idx[:P]
+    idx.copy_(torch.from_numpy(t))
+    torch.index_select(_HUE_OF_DIFFS_T, 0, idx, out=torch.from_numpy(t))
+    h = t
+    h += _F32(shift)
+    u = np.multiply(h, _F32(1.0 / 256.0), out=ws.u[:P])  # exact: power of two
+    np.floor(u, out=u)
+    u *= _F32(256.0)
+    h -= u  # (h + shift) mod 256
+    w = np.multiply(c, _F32(255.0), out=u)
+    np.add(v, _F32(1e-30), out=c)  # no-op for v >= 1; v = 0 (then c = 0) gives 0
+    w /= c
+    np.floor(w, out=w)  # saturation byte s
+    w *= v  # v s, exact (< 2**16)
+    w *= _F32(1.0 / 65025.0)
+    h *= _F32(6.0)
+    # |position - 510| on the hue circle of 1530 (distance to the ramp's centre)
+    K = np.add(h, _HUE_PHASE, out=ws.K[:, :P])  # 6 h' + phase - 510, in [-255, 2295]
+    np.abs(K, out=K)
+    K2 = np.subtract(K, _F32(1530.0), out=ws.K2[:, :P])
+    np.abs(K2, out=K2)
+    np.minimum(K, K2, out=K)
+    np.subtract(_F32(510.0), K, out=K)
+    torch.from_numpy(K).clamp_(0.0, 255.0)  # X_n
+    K *= w
+    np.rint(K, out=K)  # never a tie: the exact value is never k + 1/2
+    np.subtract(v, K, out=X)
+
+
+_JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
+_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
+
+
+class _StageClock:
+    """Adds process CPU time per named step to ``totals`` (no-op if None)."""
+
+    def __init__(self, totals: Optional[Dict[str, float]]):
+        self.totals = totals
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        if self.totals is not None:
+            self.t0 = time.process_time()
+
+    def stop(self, name: str) -> None:
+        if self.totals is not None:
+            self.totals[name] = self.totals.get(name, 0.0) + time.process_time() - self.t0
+
+
+def _hue_shift_byte(hue: float) -> int:
+    # torchvision: np.uint8(hue * 255) added to the uint8 hue channel.
+    return int(hue * 255) % 256
+
+
+# ---------------------------------------------------------------------------
+# Gaussian blur.
+#
+# PIL's GaussianBlur(radius) (Pillow's BoxBlur.c) runs 3 horizontal then 3
+# vertical "extended box" passes: out[i] = round((ww * sum_{|d|<=r} x[i+d] +
+# fw * (x[i-r-1] + x[i+r+1])) / 2**24), edge pixels replicated, the box radius
+# r + a and the integer weights ww, fw derived from the radius in float32
+# (:func:`_pil_box_weights`). Here the six passes are applied as one linear
+# operator per axis (the product of the three pass matrices, replicated edges
+# included), as a matrix product, rounding once at the end instead of after
+# every pass: values within 3 levels of PIL's (mean absolute difference 0.1
+# to 0.5 level on photographs, no bias except at radii whose box weights make
+# PIL's per-pass rounding hit exact halves; tests/test_transforms.py).
+# ---------------------------------------------------------------------------
+_BLUR_BLOCK = 32  # output columns / rows per block of the banded products
+
+
+def _pil_box_weights(radius: float) -> Tuple[int, int, int]:
+    """``(r, ww, fw)`` of one box pass of PIL's ``GaussianBlur(radius)``:
+    Pillow's ``_gaussian_blur_radius`` (3 passes) and
+    ``ImagingHorizontalBoxBlur``, with their float32 arithmetic."""
+    f32 = np.float32
+    rad = f32(radius)
+    sigma2 = rad * rad / f32(3)
+    L = f32(math.sqrt(12.0 * float(sigma2) + 1.0))
+    l = f32(math.floor((float(L) - 1.0) / 2.0))
+    a = (f32(2) * l + f32(1)) * (l * (l + f32(1)) - f32(3) * sigma2)
+    a = a / (f32(6) * (sigma2 - (l + f32(1)) * (l + f32(1))))
+    box = l + a
+    r = int(box)
+    ww = int(f32(1 << 24) / (box * f32(2) + f32(1)))
+    fw = ((1 << 24) - (r * 2 + 1) * ww) // 2
+    return r, ww, fw
+
+
+@functools.lru_cache(maxsize=None)
+def _box_shift_sums(S: int, r: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(A, B)``: ``(S, S)`` matrices summing, for each output sample, the
+    input samples at offsets ``|d| <= r`` (``A``) and ``d = +-(r + 1)``
+    (``B``), indices clamped to the line (replicated edges)."""
+    A = np.zeros((S, S))
+    B = np.zeros((S, S))
+    rows = np.arange(S)
+    for d in range(-r - 1, r + 2):
+        np.add.at(B if abs(d) == r + 1 else A, (rows, np.clip(rows + d, 0, S - 1)), 1.0)
+    return A, B
+
+
+def _pass_matrix(S: int, r: int, ww: int, fw: int) -> np.ndarray:
+    """One PIL box pass over ``S`` samples as an ``(S, S)`` float64 matrix
+    (row = output sample), edges replicated."""
+    A, B = _box_shift_sums(S, r)
+    return A * (ww / float(1 << 24)) + B * (fw / float(1 << 24))
+
+
+def _blur_matrix(S: int, box: Tuple[int, int, int]) -> np.ndarray:
+    """PIL's three box passes (``box`` = ``(r, ww, fw)``, from
+    :func:`_pil_box_weights`) along one axis of ``S`` samples, composed:
+    ``(S, S)`` float32, row = output sample.
+
+    Away from the edges the product is the 3-fold convolution of the box
+    kernel (a band of half-width ``h = 3 (r + 1)``); only the first and last
+    ``h`` rows see the replicated edges. Those come from the product of the
+    pass matrices of a ``2 h + 1``-sample line (which has the same edge
+    rows), so the cost does not grow with ``S**3``."""
+    r, ww, fw = box
+    h = 3 * (r + 1)
+    if S <= 2 * h + 1:
+        K = _pass_matrix(S, r, ww, fw)
+        return (K @ K @ K).astype(np.float32)
+    taps = np.full(2 * r + 3, ww / float(1 << 24))
+    taps[0] = taps[-1] = fw / float(1 << 24)
+    kernel = np.convolve(np.convolve(taps, taps), taps).astype(np.float32)  # 2 h + 1 taps
+    band = np.zeros((S, S + 2 * h + 1), np.float32)
+    np.lib.stride_tricks.as_strided(
+        band, shape=(S, 2 * h + 1), strides=(band.strides[0] + band.strides[1], band.strides[1]),
+        writeable=True,
+    )[:] = kernel
+    P = np.ascontiguousarray(band[:, h : h + S])
+    K = _pass_matrix(2 * h + 1, r, ww, fw)
+    edge = (K @ K @ K)[:h, : 2 * h]
+    P[:h, : 2 * h] = edge
+    P[S - h :, S - 2 * h :] = edge[::-1, ::-1]
+    return P
+
+
+def _band_blocks(P: np.ndarray, h: int, blk: int) -> torch.Tensor:
+    """The blocks of the banded ``(S, S)`` matrix ``P`` for blocked products:
+    block ``b`` (``(blk, blk + 2h)``) maps the input samples ``b blk - h ..
+    b blk + blk + h - 1`` (zero outside the line) to the outputs ``b blk ..
+    b blk + blk - 1``."""
+    S = P.shape[0]
+    Pp = np.zeros((S, S + 2 * h), np.float32)
+    Pp[:, h : h + S] = P
+    rs, cs = Pp.strides
+    view = np.lib.stride_tricks.as_strided(
+        Pp, shape=(S // blk, blk, blk + 2 * h), strides=(blk * (rs + cs), rs, cs)
     )
-    dv = v - p  # uint8 wrap-around: p + [v?](v - p) + [m?](m - p) is exact
-    dm = m - p
-    out = np.empty((n, 3), u8)
-    for c, (is_v, is_m) in enumerate(picks):
-        o = dv * is_v.view(u8)
-        o += dm * is_m.view(u8)
-        np.add(o, p, out=out[:, c])
-    return out.reshape(arr.shape)
+    return torch.from_numpy(np.ascontiguousarray(view))
 
 
-def _adjust_hue(img: Image.Image, hue: float) -> Image.Image:
-    # == torchvision's PIL adjust_hue: HSV round trip with the hue byte
-    # shifted by trunc(hue * 255) modulo 256 (the round trip is always made).
-    return Image.fromarray(_hue_shift(np.asarray(img), int(hue * 255) % 256))
+def _blur_(x: torch.Tensor, crops: Sequence[int], radii: Sequence[float]) -> None:
+    """Blur the crops ``x[crops]`` (``x``: ``(N, 3, S, S)`` float32 levels)
+    in place, crop ``crops[j]`` with PIL's ``GaussianBlur(radii[j])`` (see
+    the section comment): ``P x P^T`` per channel, rounded.
 
-
-_JITTER_FNS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
-
-# ---- the same operations on uint8 NumPy arrays (what __call__ uses) ---------
-# Bit-exact with the PIL functions above (tests/test_transforms.py compares
-# them with torchvision's on random images and factors):
-# * PIL's Image.blend(a, b, alpha) computes, per byte and in float32,
-#   ``t = a + alpha * (b - a)`` (two roundings), then 0 if t <= 0, 255 if
-#   t >= 255, else trunc(t). Against a constant image (black for brightness,
-#   the mean grey level for contrast) that is a 256-entry lookup table.
-# * PIL's RGB -> L is ``(19595 r + 38470 g + 7471 b + 0x8000) >> 16``; the
-#   products and sums stay below 2**24, so a float32 matrix-vector product
-#   computes them exactly.
-_LUMA_WEIGHTS = np.array([19595.0, 38470.0, 7471.0], dtype=np.float32)
-_LEVELS_F32 = np.arange(256, dtype=np.float32)
-
-
-def _luma(arr: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 RGB -> (...) uint8 L, exactly PIL's ``convert("L")``."""
-    flat = arr.reshape(-1, 3).astype(np.float32)
-    lum = flat @ _LUMA_WEIGHTS
-    lum += np.float32(0x8000)
-    lum *= np.float32(1.0 / 65536.0)
-    return np.floor(lum, out=lum).astype(np.uint8).reshape(arr.shape[:-1])
-
-
-def _blend_lut(base: int, factor: float) -> np.ndarray:
-    """Table of PIL's ``Image.blend(constant base, image, factor)`` per byte."""
-    b = np.float32(base)
-    t = _LEVELS_F32 - b
-    t *= np.float32(factor)
-    t += b
-    return np.clip(t, 0.0, 255.0, out=t).astype(np.uint8)
-
-
-def _np_brightness(arr: np.ndarray, factor: float) -> np.ndarray:
-    return _blend_lut(0, factor).take(arr)
-
-
-def _np_contrast(arr: np.ndarray, factor: float) -> np.ndarray:
-    lum = _luma(arr)
-    mean = int(float(lum.sum(dtype=np.int64)) / lum.size + 0.5)
-    return _blend_lut(mean, factor).take(arr)
-
-
-def _np_saturation(arr: np.ndarray, factor: float) -> np.ndarray:
-    lum = _luma(arr).astype(np.float32)[..., None]
-    t = arr.astype(np.float32)
-    t -= lum
-    t *= np.float32(factor)
-    t += lum
-    return np.clip(t, 0.0, 255.0, out=t).astype(np.uint8)
-
-
-_NP_JITTER_FNS = (_np_brightness, _np_contrast, _np_saturation)
-_HUE = 3  # index of the hue adjustment in JitterParams.order
-
-
-def _hue_shift_many(arrays: List[np.ndarray], shifts: List[int]) -> List[np.ndarray]:
-    """:func:`_hue_shift` of several crops (each its own shift) in one call:
-    the conversion is per pixel, so the crops' pixels are concatenated."""
-    if len(arrays) == 1:
-        return [_hue_shift(arrays[0], shifts[0])]
-    sizes = [a.shape[0] * a.shape[1] for a in arrays]
-    flat = np.concatenate([a.reshape(-1, 3) for a in arrays])
-    per_pixel = np.repeat(np.asarray([s % 256 for s in shifts], dtype=np.uint8), sizes)
-    out = _hue_shift(flat, per_pixel)
-    pieces = np.split(out, np.cumsum(sizes)[:-1])
-    return [piece.reshape(a.shape) for piece, a in zip(pieces, arrays)]
+    The crops are copied into rows-channels-columns order, so that each axis
+    is one matrix product over all channels: ``P @ x`` on ``(S, 3 S)``, then
+    ``x @ P^T`` on ``(3 S, S)``. Up to 128 samples the products are dense;
+    above, with ``S`` a multiple of 32 and a band narrower than 32 (else
+    dense again: no cheaper), banded: each block of 32 outputs is the
+    product of a ``(32 + 2 h)``-sample window of the zero-padded input with
+    the matching block of ``P`` (``h`` the band's half-width), all blocks in
+    one batched product that reads the overlapping windows in place (a
+    quarter of the dense product's arithmetic at 224)."""
+    _, C, S, _ = x.shape
+    n = len(crops)
+    hcw = torch.empty((n, S, C, S))
+    for j, k in enumerate(crops):
+        hcw[j].copy_(x[k].permute(1, 0, 2))
+    boxes = [_pil_box_weights(float(rad)) for rad in radii]
+    mats = [_blur_matrix(S, box) for box in boxes]
+    band = max(3 * (box[0] + 1) for box in boxes)
+    blk = _BLUR_BLOCK
+    if S <= 128 or S % blk or 2 * band > blk:
+        P = torch.from_numpy(np.stack(mats))  # (n, S, S)
+        PT = P.transpose(1, 2).contiguous()
+        y = torch.bmm(P, hcw.view(n, S, C * S))  # along height
+        torch.bmm(y.view(n, S * C, S), PT, out=hcw.view(n, S * C, S))  # along width
+    else:
+        h, nb = band, S // blk
+        xp, zp = _workspace(S).blur_buffers(S, h)  # zero margins
+        for k in range(n):
+            Mt = _band_blocks(mats[k], h, blk)  # (nb, blk, blk + 2h)
+            xp[h : h + S] = hcw[k].view(S, C * S)
+            win = xp.as_strided((nb, blk + 2 * h, C * S), (blk * C * S, C * S, 1))
+            torch.bmm(Mt, win, out=hcw[k].view(nb, blk, C * S))  # along height
+            zp[:, h : h + S] = hcw[k].view(S * C, S)
+            win = zp.as_strided((nb, S * C, blk + 2 * h), (blk, S + 2 * h, 1))
+            torch.bmm(win, Mt.transpose(1, 2), out=hcw[k].view(S * C, nb, blk).permute(1, 0, 2))  # width
+    hcw.add_(0.5).floor_()
+    for j, k in enumerate(crops):
+        x[k].copy_(hcw[j].permute(1, 0, 2))
 
 
 def _fail(msg: str) -> None:
@@ -539,8 +719,8 @@ class SwavPluginMultiCrop(ClassyTransform):
 
         mean_t = torch.tensor(self.mean, dtype=torch.float64).view(3, 1, 1)
         std_t = torch.tensor(self.std, dtype=torch.float64).view(3, 1, 1)
-        self._scale = (1.0 / (255.0 * std_t)).float().numpy()
-        self._shift = (-mean_t / std_t).float().numpy()
+        self._scale_t = (1.0 / (255.0 * std_t)).float()
+        self._shift_t = (-mean_t / std_t).float()
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -711,81 +891,98 @@ class SwavPluginMultiCrop(ClassyTransform):
         return H, W
 
     # ------------------------------------------------------------- rendering
+    def render_levels(
+        self,
+        source: torch.Tensor,
+        params: Sequence[CropParams],
+        timers: Optional[Dict[str, float]] = None,
+    ) -> List[torch.Tensor]:
+        """Render the crops of one image: for each run of consecutive crops
+        of the same size, one ``(n, 3, size, size)`` float32 tensor of 8-bit
+        levels (integers 0..255) after every augmentation, before ToTensor /
+        Normalize.
+
+        ``source``: the image as an ``(H, W, 3)`` uint8 tensor. In the
+        recipe's order: all resized crops and flips first (written planar
+        into the float32 buffers, while the source is in cache), then per
+        crop the colour jitter (its four adjustments in the crop's random
+        order) and grayscale (NumPy, in place), then the blur of the blurred
+        crops of each size together (torch matrix products).
+
+        ``timers``: when given, the process CPU time of each step (resize,
+        brightness, contrast, saturation, hue, grayscale, blur) is added to
+        it, in seconds (benchmarks/bench_transforms.py ``--stages``)."""
+        clock = _StageClock(timers)
+        runs: List[Tuple[int, int]] = []
+        for k, p in enumerate(params):
+            if runs and params[runs[-1][0]].size == p.size:
+                runs[-1] = (runs[-1][0], k + 1)
+            else:
+                runs.append((k, k + 1))
+        xs = [torch.empty((b - a, 3, params[a].size, params[a].size)) for a, b in runs]
+        clock.start()
+        for (a, b), x in zip(runs, xs):
+            xn = x.numpy()
+            for k in range(a, b):
+                _resized_crop_into(source, params[k], xn[k - a])
+        clock.stop("resize")
+        for (a, b), x in zip(runs, xs):
+            xn = x.numpy()
+            ws = _workspace(params[a].size)
+            for k in range(a, b):
+                p, X = params[k], xn[k - a].reshape(3, -1)
+                if p.jitter is not None:
+                    for op in p.jitter.order:
+                        clock.start()
+                        if op == _HUE:
+                            _hue_(X, _hue_shift_byte(p.jitter.hue), ws)
+                        else:
+                            _JITTER_OPS[op](X, p.jitter[1 + op], ws)
+                        clock.stop(_JITTER_NAMES[op])
+                if p.grayscale:
+                    clock.start()
+                    _grayscale_(X, ws)
+                    clock.stop("grayscale")
+        clock.start()
+        for (a, b), x in zip(runs, xs):
+            blurred = [k - a for k in range(a, b) if params[k].blur_radius is not None]
+            if blurred:
+                _blur_(x, blurred, [params[a + k].blur_radius for k in blurred])
+        clock.stop("blur")
+        return xs
+
+    def render(self, source: torch.Tensor, params: Sequence[CropParams]) -> List[np.ndarray]:
+        """The crops of ``params`` as ``(size, size, 3)`` uint8 RGB arrays
+        (grayscale crops have three equal channels), before ToTensor."""
+        return [
+            np.ascontiguousarray(t.permute(1, 2, 0).numpy().astype(np.uint8))
+            for x in self.render_levels(source, params)
+            for t in x
+        ]
+
     def apply_params(
         self, img: Image.Image, p: CropParams, source: Optional[torch.Tensor] = None
     ) -> Image.Image:
-        """Render one crop of an RGB image as a PIL image (``RGB``, or ``L``
-        when grayscale was drawn), before ToTensor/Normalize.
-
-        ``source``: ``img`` as an ``(H, W, 3)`` uint8 tensor, when the caller
-        has it already."""
+        """Render one crop of an image as an RGB PIL image, before
+        ToTensor/Normalize. ``source``: ``img`` as an ``(H, W, 3)`` uint8
+        tensor, when the caller has it already."""
         if source is None:
             source = _as_uint8_tensor(to_rgb(img))
-        return self.render(source, [p])[0]
-
-    def render(self, source: torch.Tensor, params: Sequence[CropParams]) -> List[Image.Image]:
-        """Render crops of one image (``source``: ``(H, W, 3)`` uint8) as PIL
-        images (``RGB``, or ``L`` when grayscale was drawn).
-
-        Per crop, in the recipe's order: resized crop (and flip), colour
-        jitter (its four adjustments in the crop's random order), grayscale,
-        blur. The jitter is scheduled step by step across crops, so that the
-        hue shifts of all crops that are at the same step (the costliest
-        adjustment) are converted in one vectorised NumPy call
-        (:func:`_hue_shift_many`); each crop still gets exactly its own
-        adjustments in its own order. Brightness, contrast, saturation,
-        grayscale and blur are PIL's operations, as torchvision calls them."""
-        crops = [Image.fromarray(_resized_crop(source, p)) for p in params]
-        jittered = [k for k, p in enumerate(params) if p.jitter is not None]
-        steps = max((len(params[k].jitter.order) for k in jittered), default=0)
-        for step in range(steps):
-            hue_crops = []
-            for k in jittered:
-                jitter = params[k].jitter
-                op = jitter.order[step]
-                if op == _HUE:
-                    hue_crops.append(k)
-                else:
-                    crops[k] = _JITTER_FNS[op](crops[k], jitter[1 + op])
-            if hue_crops:
-                shifts = [int(params[k].jitter.hue * 255) % 256 for k in hue_crops]
-                shifted = _hue_shift_many([np.asarray(crops[k]) for k in hue_crops], shifts)
-                for k, arr in zip(hue_crops, shifted):
-                    crops[k] = Image.fromarray(arr)
-        for k, p in enumerate(params):
-            if p.grayscale:
-                crops[k] = crops[k].convert("L")  # broadcast to 3 equal channels later
-            if p.blur_radius is not None:
-                crops[k] = crops[k].filter(ImageFilter.GaussianBlur(radius=p.blur_radius))
-        return crops
-
-    def _to_tensors(self, crops: List[Image.Image], size: int) -> List[torch.Tensor]:
-        buf = np.empty((len(crops), size, size, 3), dtype=np.uint8)
-        for k, crop in enumerate(crops):
-            arr = np.asarray(crop)
-            buf[k] = arr if arr.ndim == 3 else arr[:, :, None]
-        # uint8 NHWC -> float32 NCHW in one pass.  NumPy (single-threaded)
-        # rather than torch ops: tiny tensors, no intra-op thread overhead.
-        out = buf.transpose(0, 3, 1, 2).astype(np.float32, order="C")
-        if self.normalize:
-            # fused ToTensor + Normalize: (x / 255 - mean) / std == x * scale + shift
-            out *= self._scale
-            out += self._shift
-        else:
-            out /= np.float32(255.0)  # exactly ToTensor
-        return list(torch.from_numpy(out).unbind(0))
+        return Image.fromarray(self.render(source, [p])[0])
 
     def __call__(self, image: Image.Image) -> List[torch.Tensor]:
         img = to_rgb(image)
         # The data source's per-sample stream (sample_seed.py), else torch's RNG.
         params = self.sample_params(*img.size, generator=sample_seed.take_generator())
         source = _as_uint8_tensor(img)  # one decoded copy for all crops
-        arrays = self.render(source, params)
         outputs: List[torch.Tensor] = []
-        start = 0
-        for n, size in zip(self.nmb_crops, self.size_crops):
-            outputs.extend(self._to_tensors(arrays[start : start + n], size))
-            start += n
+        for x in self.render_levels(source, params):
+            if self.normalize:
+                # fused ToTensor + Normalize: (x / 255 - mean) / std == x * scale + shift
+                x.mul_(self._scale_t).add_(self._shift_t)
+            else:
+                x.div_(255.0)  # exactly ToTensor
+            outputs.extend(x.unbind(0))
         return outputs
 
     def __repr__(self) -> str:

@@ -103,11 +103,16 @@ def test_bench_larc_parameter_set_is_resnet50_plus_head():
 # -------------------------------------------------------------- transforms
 def test_bench_transforms_tiny_runs_and_shapes_agree(tmp_path):
     out = tmp_path / "tr.json"
-    bench_transforms.main(["--tiny", "--json", str(out), "--rounds", "2", "--images-per-round", "1"])
+    bench_transforms.main(["--tiny", "--json", str(out), "--rounds", "2", "--images-per-round", "1",
+                           "--stages", "2"])
     res = _read(out)
     shapes = res["shapes"]
     assert shapes["plugin"] == shapes["vissl"] == shapes["straightforward"]
     assert len(shapes["plugin"]) == 4
+    stages = res["stages_ms_per_image"]
+    for step in ("decode", "sample_params", "resize", "hue", "blur", "ToTensor + Normalize",
+                 "(straightforward pipeline)"):
+        assert stages[step] >= 0.0, step
 
 
 def test_multicrop_output_distribution_matches_straightforward_pipeline():
@@ -115,7 +120,11 @@ def test_multicrop_output_distribution_matches_straightforward_pipeline():
     crop size, channel mean and std, and the spread of per-crop means, of
     the plugin and of the torchvision/PIL pipeline over 120 images agree
     within sampling error (4.5 standard errors; the per-crop means are the
-    independent samples)."""
+    independent samples), and the distributions of the per-crop channel
+    means and standard deviations pass a two-sample Kolmogorov-Smirnov test
+    (p > 1e-4)."""
+    from scipy.stats import ks_2samp
+
     cfg = dict(nmb_crops=[2, 6], size_crops=[32, 16], min_scale_crops=[0.14, 0.05], max_scale_crops=[1.0, 0.14])
     jpegs = bench_transforms.sample_jpegs((160, 120))
     runs = bench_transforms.pipelines(cfg)
@@ -134,6 +143,10 @@ def test_multicrop_output_distribution_matches_straightforward_pipeline():
             assert abs(a["std"][c] - b["std"][c]) <= 0.1 * b["std"][c], (size, c, a["std"], b["std"])
             # spread of per-crop means (crop geometry, jitter, grayscale)
             assert abs(a["crop_mean_sd"][c] - b["crop_mean_sd"][c]) <= 0.2 * b["crop_mean_sd"][c]
+            for key in ("crop_means", "crop_stds"):
+                x = [v[c] for v in a[key]]
+                y = [v[c] for v in b[key]]
+                assert ks_2samp(x, y).pvalue > 1e-4, (size, c, key)
 
 
 # ----------------------------------------------------------------- scaling

@@ -19,6 +19,9 @@ centroids, copied in after each clustering)".
 * ``on_phase_start`` (training phases): ``loss.cluster(prototype weights)``
   under ``no_grad``: DeepCluster-v2 copies each head's centroids into its
   prototype layer, SeLa-v2 labels the bank with the current prototypes.
+  Not when the run resumes inside the epoch (an iteration checkpoint): the
+  epoch's clustering was restored with the checkpoint
+  (:func:`swav_vissl_plugin.resume.continues_phase`).
 * ``on_forward``: hands the batch's ``data_idx`` (replicated per crop by
   the multi-crop collator) to the loss, which writes the bank in training.
 * ``on_backward``: drops the prototypes' gradients while ``task.iteration <
@@ -37,6 +40,7 @@ from classy_vision.hooks.classy_hook import ClassyHook
 
 from swav_vissl_plugin.hooks import register_loss_hooks
 from swav_vissl_plugin.losses.deepcluster_v2 import DEEPCLUSTER_V2, SELA_V2
+from swav_vissl_plugin.resume import continues_phase
 
 __all__ = ["ClusterMemoryHook", "fill_memory"]
 
@@ -126,7 +130,9 @@ class ClusterMemoryHook(ClassyHook):
 
     def on_start(self, task) -> None:
         loss, head = _loss(task), _head(task)
-        if self.normalize_prototypes:
+        if self.normalize_prototypes and task.checkpoint is None:
+            # resumed: the checkpoint's prototypes are already unit-norm, and
+            # normalising them again would change their last bits
             head.normalize_prototypes()
         if _all_ranks(loss.memory_ready, loss.device):
             logging.info("%s: memory bank restored from the checkpoint", loss.NAME)
@@ -137,6 +143,12 @@ class ClusterMemoryHook(ClassyHook):
         if not task.train:
             return
         loss, head = _loss(task), _head(task)
+        if continues_phase(task):
+            # resumed inside this epoch: its clustering (labels, centroids,
+            # bank position) is in the checkpoint; redoing it would cluster a
+            # partly refreshed bank and leave the uninterrupted trajectory
+            logging.info("%s: epoch %d resumed mid-way: clustering restored from the checkpoint", loss.NAME, task.train_phase_idx)
+            return
         with torch.no_grad():
             loss.cluster([layer.weight for layer in head.prototype_layers()])
 

@@ -45,8 +45,90 @@ def patch_dataset_catalog_for_explicit_paths() -> None:
     _replace(dataset_catalog, "get_data_files", get_data_files)
 
 
+def patch_resume_checkpoint_selection() -> None:
+    """Reason: VISSL's launcher resumes from ``get_resume_checkpoint``, which,
+    once ``CHECKPOINT_ITER_FREQUENCY > 0``, looks only at ``model_iteration*``
+    (a newer phase checkpoint is ignored; with none yet it returns
+    ``<dir>/None`` and the run crashes) and never checks that the file loads
+    (a truncated newest checkpoint crashes every rank). The plugin's choice:
+    the newest readable checkpoint of any kind, warning about each unreadable
+    one it passes (swav_vissl_plugin.resume.get_resume_checkpoint)."""
+    from vissl.utils import distributed_launcher
+
+    from swav_vissl_plugin.resume import get_resume_checkpoint
+
+    _replace(distributed_launcher, "get_resume_checkpoint", get_resume_checkpoint)
+
+
+def patch_training_finished_check() -> None:
+    """Reason: VISSL's launcher treats a run as finished when any file named
+    ``model_final*`` exists, so a damaged final checkpoint ends every relaunch
+    without training or resuming. The plugin requires the final checkpoint to
+    be readable (swav_vissl_plugin.resume.is_training_finished)."""
+    from vissl.utils import distributed_launcher
+
+    from swav_vissl_plugin.resume import is_training_finished
+
+    _replace(distributed_launcher, "is_training_finished", is_training_finished)
+
+
+def patch_resume_checkpoint_loading() -> None:
+    """Reason: VISSL's task reads the resume checkpoint's counters right after
+    loading it, with no point where the plugin can adapt them (to another
+    world size) or correct VISSL's own off-by-one in ``iteration_num`` after
+    an iteration checkpoint. The task loads through
+    swav_vissl_plugin.resume.ResumeCheckpointLoader instead (initial-weight
+    loading is unchanged)."""
+    from vissl.trainer import train_task
+
+    from swav_vissl_plugin.resume import ResumeCheckpointLoader
+
+    _replace(train_task, "CheckpointLoader", ResumeCheckpointLoader)
+
+
+def patch_trainer_resume_context() -> None:
+    """Reason: VISSL loads the resume checkpoint inside the trainer's
+    ``train()`` through a class method that is not given the config, which
+    the checkpoint's adaptation to the current run needs. The train engine's
+    trainer runs ``train()`` inside swav_vissl_plugin.resume.resume_config(cfg)."""
+    from vissl.engines import train
+
+    from swav_vissl_plugin.resume import resume_config
+
+    original = ORIGINALS.get((train.__name__, "SelfSupervisionTrainer"), train.SelfSupervisionTrainer)
+
+    class SelfSupervisionTrainer(original):
+        __doc__ = original.__doc__
+
+        def train(self):
+            with resume_config(self.cfg):
+                return super().train()
+
+    _replace(train, "SelfSupervisionTrainer", SelfSupervisionTrainer)
+
+
+def patch_stateful_sampler() -> None:
+    """Reason: the resumable sampler VISSL builds for
+    ``USE_STATEFUL_DISTRIBUTED_SAMPLER`` (StatefulDistributedSampler) gives each
+    rank a fixed contiguous block of the dataset, shuffled only inside it, so
+    a rank never sees the other blocks (the release shuffles the whole dataset
+    with DistributedSampler). VISSL builds
+    swav_vissl_plugin.resumable_sampler.ResumableDistributedSampler there
+    instead: DistributedSampler's order, resumable mid-epoch."""
+    from vissl import data
+
+    from swav_vissl_plugin.resumable_sampler import ResumableDistributedSampler
+
+    _replace(data, "StatefulDistributedSampler", ResumableDistributedSampler)
+
+
 PATCHES: List[Callable[[], None]] = [
     patch_dataset_catalog_for_explicit_paths,
+    patch_resume_checkpoint_selection,
+    patch_training_finished_check,
+    patch_resume_checkpoint_loading,
+    patch_trainer_resume_context,
+    patch_stateful_sampler,
 ]
 
 

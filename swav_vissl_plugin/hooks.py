@@ -21,6 +21,10 @@ meet the trainer, so that no component reaches into another:
   non-finite loss, output or parameter, before any checkpoint holds it) and
   :class:`~swav_vissl_plugin.data_source.UnreadableImagesHook` (counts and
   names the samples replaced because their file was unreadable).
+* last, :func:`~swav_vissl_plugin.checkpoint_hook.checkpoint_hooks`: the
+  plugin's checkpoint hook (atomic files, resume metadata, never a
+  non-finite model) in place of VISSL's, and the hook that restores what
+  VISSL's resume leaves out (docs/checkpointing.md).
 
 :func:`swav_plugin_hook_generator` returns VISSL's default hooks (without
 its NaN checks, which ``NonFiniteLossHook`` replaces) plus these, and is what
@@ -75,7 +79,10 @@ class SwAVPrototypesHook(NoopHook):
         self.freeze_prototypes_niters = int(freeze_prototypes_niters)
 
     def on_start(self, task) -> None:
-        _head(task).normalize_prototypes()
+        # A resumed run's prototypes are the checkpoint's, already unit-norm;
+        # normalising again would change their last bits (and the trajectory).
+        if task.checkpoint is None:
+            _head(task).normalize_prototypes()
 
     def on_forward(self, task) -> None:
         if task.train:
@@ -155,11 +162,17 @@ def plugin_hooks(cfg) -> List[ClassyHook]:
 def swav_plugin_hook_generator(cfg) -> List[ClassyHook]:
     """VISSL's ``default_hook_generator`` plus the plugin's hooks."""
     # Imported here as VISSL's launcher does: submitit jobs must import it late.
-    from vissl.hooks import CheckNanLossHook, CheckNanModelOutputHook, default_hook_generator
+    from vissl.hooks import CheckNanLossHook, CheckNanModelOutputHook, LogLossMetricsCheckpointHook, default_hook_generator
 
     ours = plugin_hooks(cfg)
     logging.info("swav_vissl_plugin hooks: %s", [type(h).__name__ for h in ours])
     # NonFiniteLossHook replaces VISSL's NaN checks (HOOKS.CHECK_NAN), which
     # name no rank and try to checkpoint the broken model.
     vissl = [h for h in default_hook_generator(cfg) if not isinstance(h, (CheckNanLossHook, CheckNanModelOutputHook))]
-    return vissl + ours
+    # The plugin's checkpoint hook replaces VISSL's and goes last, with the
+    # resume hook: a checkpoint then holds every other hook's work of the step,
+    # and restored random streams are drawn from by the training step first.
+    from swav_vissl_plugin.checkpoint_hook import checkpoint_hooks
+
+    vissl = [h for h in vissl if type(h) is not LogLossMetricsCheckpointHook]
+    return vissl + ours + checkpoint_hooks(cfg)

@@ -15,8 +15,8 @@ The pieces, installed by :mod:`swav_vissl_plugin.compat` and
   path ``<dir>/None``) and never checks that the file loads.
 * :class:`ResumeCheckpointLoader` is what VISSL's task loads the resume
   checkpoint with: it hands the loaded dict to
-  ``swav_vissl_plugin.world_size.adapt_checkpoint`` (when that module is
-  installed) before VISSL reads any counter from it, and corrects VISSL's
+  ``swav_vissl_plugin.world_size.adapt_checkpoint`` before VISSL reads any
+  counter from it, and corrects VISSL's
   off-by-one in ``iteration_num`` after an iteration checkpoint.
 * :func:`start_iteration` and :func:`continues_phase` say where in its
   phase the run resumes: :class:`swav_vissl_plugin.checkpoint_hook.ResumeStateHook`
@@ -28,7 +28,6 @@ The pieces, installed by :mod:`swav_vissl_plugin.compat` and
 
 import contextlib
 import contextvars
-import importlib.util
 import logging
 import os
 import re
@@ -37,6 +36,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from vissl.utils.checkpoint import CheckpointLoader
+
+from swav_vissl_plugin import world_size
 
 
 __all__ = [
@@ -235,8 +236,8 @@ def describe_resume(checkpoint: Dict[str, Any], cfg) -> str:
 def prepare_checkpoint(checkpoint: Dict[str, Any], cfg) -> Dict[str, Any]:
     """What the resume path does to a loaded checkpoint before VISSL reads it:
 
-    * ``swav_vissl_plugin.world_size.adapt_checkpoint(checkpoint, cfg)``,
-      when that module exists (it rescales the counters to a new world size);
+    * ``swav_vissl_plugin.world_size.adapt_checkpoint(checkpoint, cfg)`` (it
+      restates the counters for another world size, docs/world_size.md);
     * after a plugin iteration checkpoint, ``iteration_num - 1``: VISSL's
       trainer adds one when it restarts the interrupted phase, which the
       uninterrupted run did not (the counter only feeds logging).
@@ -248,9 +249,7 @@ def prepare_checkpoint(checkpoint: Dict[str, Any], cfg) -> Dict[str, Any]:
             "%s: the resume checkpoint has no swav_plugin metadata (written without the plugin): "
             "world size unknown, random streams not restored", _PREFIX,
         )
-    if cfg is not None and importlib.util.find_spec("swav_vissl_plugin.world_size") is not None:
-        from swav_vissl_plugin import world_size
-
+    if cfg is not None:
         checkpoint = world_size.adapt_checkpoint(checkpoint, cfg)
     if meta is not None and meta.get("mode") == "iteration":
         checkpoint["iteration_num"] = int(checkpoint["iteration_num"]) - 1

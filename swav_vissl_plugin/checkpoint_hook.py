@@ -49,6 +49,14 @@ from vissl.hooks.log_hooks import LogLossMetricsCheckpointHook
 from vissl.utils.checkpoint import CheckpointItemType, is_checkpoint_phase
 
 from swav_vissl_plugin import rng_state
+from swav_vissl_plugin.checkpoints import (  # noqa: F401  (re-exported)
+    LINK_NAME,
+    TEMP_MARKER,
+    _fsync_folder,
+    _temp_path,
+    point_link,
+    write_atomically,
+)
 from swav_vissl_plugin.hooks import NoopHook
 from swav_vissl_plugin.resume import start_iteration
 
@@ -67,66 +75,10 @@ __all__ = [
 _LOG = "swav_vissl_plugin"
 #: Version of ``checkpoint["swav_plugin"]``.
 SCHEMA_VERSION = 1
-#: The link VISSL keeps to the newest checkpoint.
-LINK_NAME = "checkpoint.torch"
-#: Part of every temporary file name: ``.<final name>.tmp-<pid>`` (leading
-#: dot, no ``.torch`` ending, so no VISSL or plugin code takes it for a checkpoint).
-TEMP_MARKER = ".tmp-"
 ITERATION_FILE = re.compile(r"^model_iteration(\d+)\.torch$")
 #: Default number of iteration checkpoints kept (the newest and one before it,
 #: so that a damaged newest one still leaves an iteration checkpoint to resume from).
 DEFAULT_KEEP_ITERATION_CHECKPOINTS = 2
-
-
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_path(path: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}{TEMP_MARKER}{os.getpid()}")
-
-
-def write_atomically(path: str, write: Callable[[Any], None]) -> str:
-    """Write a file so that ``path`` is, at every instant, either its previous
-    content or the complete new one: ``write(file object)`` fills a temporary
-    file in the same folder, which is flushed and fsynced, renamed over
-    ``path`` (``os.replace``, atomic on POSIX), and the folder is fsynced so
-    the rename itself is durable. A failed or interrupted write leaves
-    ``path`` untouched (the temporary file is removed on failure; after a
-    kill it stays, and the next run's :meth:`PluginCheckpointHook.on_start`
-    removes it)."""
-    path = os.path.abspath(path)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(os.path.dirname(path))
-    return path
-
-
-def point_link(folder: str, target_name: str, link_name: str = LINK_NAME) -> str:
-    """Make ``folder/link_name`` a symlink to ``target_name`` (relative, so
-    the run folder can be moved), replacing any previous link atomically."""
-    link = os.path.join(os.path.abspath(folder), link_name)
-    tmp = _temp_path(link)
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(target_name, tmp)
-    os.replace(tmp, link)
-    _fsync_folder(os.path.dirname(link))
-    return link
 
 
 def checkpoint_name(mode: str, mode_num: int, final: bool) -> str:

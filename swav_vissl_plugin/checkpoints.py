@@ -20,10 +20,9 @@ existing output is never overwritten unless asked.
 
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -165,18 +164,70 @@ def load_trunk_into_torchvision(published: Mapping[str, torch.Tensor], width: Op
     return model
 
 
+#: Part of every temporary file name: ``.<final name>.tmp-<pid>`` (leading
+#: dot, no ``.torch`` ending, so no VISSL or plugin code takes it for a checkpoint).
+TEMP_MARKER = ".tmp-"
+#: The link VISSL keeps to the newest checkpoint.
+LINK_NAME = "checkpoint.torch"
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_path(path: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}{TEMP_MARKER}{os.getpid()}")
+
+
+def write_atomically(path: str, write: Callable[[Any], None]) -> str:
+    """Write a file so that ``path`` is, at every instant, either its previous
+    content or the complete new one: ``write(file object)`` fills a temporary
+    file in the same folder, which is flushed and fsynced, renamed over
+    ``path`` (``os.replace``, atomic on POSIX), and the folder is fsynced so
+    the rename itself is durable. A failed or interrupted write leaves
+    ``path`` untouched (the temporary file is removed on failure; after a
+    kill it stays, and the next run's :meth:`PluginCheckpointHook.on_start`
+    removes it)."""
+    path = os.path.abspath(path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(os.path.dirname(path))
+    return path
+
+
+def point_link(folder: str, target_name: str, link_name: str = LINK_NAME) -> str:
+    """Make ``folder/link_name`` a symlink to ``target_name`` (relative, so
+    the run folder can be moved), replacing any previous link atomically."""
+    link = os.path.join(os.path.abspath(folder), link_name)
+    tmp = _temp_path(link)
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+    _fsync_folder(os.path.dirname(link))
+    return link
+
+
 def save_atomic(obj, path, overwrite: bool = False) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename."""
+    """``torch.save`` through :func:`write_atomically`; refuses to replace an
+    existing file unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: exists; refusing to overwrite it (use --force)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(str(path), lambda f: torch.save(obj, f))
     return path

@@ -356,7 +356,7 @@ def _fake_task(loss, iteration=0):
             w.mul_(3.0)  # not unit-norm
     return SimpleNamespace(
         base_model=SimpleNamespace(heads=[head]), base_loss=loss, loss=loss, iteration=iteration, train=True,
-        config={"LOSS": {"name": loss.NAME}},
+        config={"LOSS": {"name": loss.NAME}}, checkpoint=None,  # VISSL's task on a fresh start
     ), head
 
 

@@ -290,6 +290,13 @@ def _check_runtime(cfg) -> None:
                 f"{dtype} needs TRAINER.TRAIN_STEP_NAME={PLUGIN_TRAIN_STEP} "
                 f"({cfg.TRAINER.TRAIN_STEP_NAME} always autocasts to float16)",
             )
+    keep = ((cfg.get("SWAV_PLUGIN") or {}).get("CHECKPOINT") or {}).get("KEEP_LAST_ITERATION_CHECKPOINTS")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        # Checked here, not only when each rank builds its checkpoint hook.
+        _fail(
+            "SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS",
+            f"must be an integer >= 0 (0 keeps every iteration checkpoint), got {keep!r}",
+        )
     sync = cfg.MODEL.SYNC_BN_CONFIG
     if sync.CONVERT_BN_TO_SYNC_BN and on_cpu:
         _fail("MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN", "torch's SyncBatchNorm runs on GPU only; set it false with MACHINE.DEVICE=cpu")

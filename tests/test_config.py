@@ -90,6 +90,10 @@ def test_linear_lr_scaling(compose_cfg):
         ([f"{MC}.name=SwavMultiCrop"], "DATA.TRAIN.TRANSFORMS[0].name"),
         (["config.DATA.TRAIN.COLLATE_FUNCTION=swav_collator"], "DATA.TRAIN.COLLATE_FUNCTION"),
         (["config.OPTIMIZER.param_schedulers.lr.warmup_epochs=10"], "OPTIMIZER.param_schedulers.lr.warmup_epochs"),
+        (
+            ["config.SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS=-1"],
+            "SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS",
+        ),
     ],
 )
 def test_bad_config_names_the_key(compose_cfg, overrides, key):

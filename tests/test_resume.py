@@ -381,9 +381,9 @@ def _swav_overrides(train, workers: int = 1):
     ]
 
 
-def _deepcluster_overrides(train):
+def _deepcluster_overrides(train, config="deepclusterv2_quickstart"):
     return [
-        "config=swav_plugin/pretrain/deepclusterv2_quickstart",
+        f"config=swav_plugin/pretrain/{config}",
         f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
         "config.DATA.NUM_DATALOADER_WORKERS=0",
         "config.MODEL.HEAD.PARAMS=[[swav_plugin_head,{in_dim:32,hidden_mlp:64,feat_dim:16,nmb_prototypes:[10,10,10]}]]",
@@ -587,6 +587,19 @@ def test_truncated_newest_checkpoint_is_named_and_skipped(deepcluster_runs):
     assert f"Resume from file: {root / 'B' / 'ckpt' / 'model_phase1.torch'}" in runs["B3"]["out"]
     # the resumed run wrote a new iteration-9 checkpoint over the damaged one, atomically
     assert checkpoint_problem(str(damaged)) is None
+
+
+@pytest.mark.slow
+def test_selav2_resumes_on_the_same_trajectory(tmp_path, mnist_folder):
+    """SeLa-v2 (memory bank, Sinkhorn labels each epoch, learned prototypes):
+    the DeepCluster-v2 flow above, incl. the truncated newest checkpoint."""
+    ov = _deepcluster_overrides(mnist_folder["train"], "selav2_quickstart")
+    runs = _interrupted_flow(tmp_path, ov, TWO_KILLS, damage="model_iteration9.torch")
+    _assert_killed_and_resumed(tmp_path, runs, [(6, "iteration"), (8, "phase")])
+    assert _assert_same_trajectory(tmp_path / "A", tmp_path / "B") == _executions(TWO_KILLS, [6, 8])
+    a, b = _final(tmp_path / "A"), _final(tmp_path / "B")
+    assert a["loss"]["memory_embeddings"] is not None
+    _assert_bitwise_equal(a, b)
 
 
 def test_no_checkpoint_at_or_after_a_non_finite_model(tmp_path, mnist_folder):

@@ -28,21 +28,27 @@ faster:
   (``sample_seed.py``: keyed by seed, epoch and dataset index, so a resumed
   run draws the same crops), else on torch's global RNG; Python's ``random``
   is never used;
-* the image is converted once to a uint8 tensor shared by all its crops;
-  crop-then-resize is torch's uint8 ``interpolate(bilinear, antialias=True)``
-  on the box (channels-last SIMD kernels): the filter of PIL's
-  ``resize(BILINEAR)`` that torchvision's ``RandomResizedCrop`` applies,
-  with values within 1 of PIL's (fixed-point rounding);
+* the crops read the image's own pixel memory (Pillow's RGBX layout,
+  exported without a copy through the Arrow C data interface; a copy where
+  Pillow cannot export it); crop-then-resize is torch's uint8
+  ``interpolate(bilinear, antialias=True)`` on the box (channels-last SIMD
+  kernels): the filter of PIL's ``resize(BILINEAR)`` that torchvision's
+  ``RandomResizedCrop`` applies, with values within 1 of PIL's (fixed-point
+  rounding);
 * every crop then lives in one float32 buffer of 8-bit levels per crop size,
   from the resize to the normalised output (no PIL images, no 8-bit round
   trips): brightness, contrast, saturation and grayscale are PIL's blends
-  and ``convert("L")`` written as the same float32 operations; the hue shift
+  and ``convert("L")`` written as the same float32 operations (the clipping
+  skipped where a blend factor <= 1 cannot leave [0, 255]); the hue shift
   is PIL's HSV round trip in closed form (hue byte from PIL's own table,
-  exact rational arithmetic for the rest, equal to torchvision's
-  ``adjust_hue`` for every colour and shift);
+  exact rational arithmetic for the rest, the hue ramp as one absolute value
+  per channel, equal to torchvision's ``adjust_hue`` for every colour and
+  shift);
 * the Gaussian blur is PIL's six box passes composed into one linear
-  operator per axis, applied as (banded) matrix products to all blurred
-  crops of a size, rounded once;
+  operator per axis (four coefficients times a cached integer basis),
+  applied as batched dense products to all blurred crops of a size, or
+  banded products per crop above 128 pixels, rounded once; grey crops are
+  blurred on one channel;
 * ToTensor + Normalize is one fused ``x * 1/(255 std) - mean/std`` in place
   over all crops of the same size.
 
@@ -53,9 +59,11 @@ registers the collator ``"swav_plugin_multicrop_collator"``, whose output has
 exactly the structure, shapes and dtypes of VISSL's ``multicrop_collator``.
 """
 
+import ctypes
 import functools
 import math
 import numbers
+import struct
 import threading
 import time
 import warnings
@@ -182,9 +190,81 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ValueError(f"{TRANSFORM_NAME}: cannot convert mode {mode} to RGB")
 
 
+class _ArrowSchema(ctypes.Structure):
+    pass
+
+
+_ArrowSchema._fields_ = [
+    ("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p),
+    ("flags", ctypes.c_int64), ("n_children", ctypes.c_int64),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+]
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+]
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _rgbx_view(img: Image.Image) -> Optional[torch.Tensor]:
+    """The pixel memory of an RGB PIL image as an ``(H, W, 4)`` uint8 tensor
+    (R, G, B, padding), without a copy, or None where Pillow cannot export it.
+
+    Pillow stores an RGB image as 4 bytes per pixel and exports that memory
+    through the Arrow C data interface (``Image.__arrow_c_array__``, Pillow
+    >= 11.2; a fixed-size list of 4 uint8 per pixel, one buffer when the
+    image is in one memory block). The exported array keeps the image memory
+    alive until its capsule is released, so the tensor holds the capsule.
+    ``np.asarray(img)`` instead copies the image through ``tobytes`` (0.2-0.4
+    ms for 500x375, more than the crops' copies it would save)."""
+    export = getattr(img, "__arrow_c_array__", None)
+    if export is None:
+        return None
+    try:
+        schema_capsule, array_capsule = export()
+        schema = _ArrowSchema.from_address(_capsule_pointer(schema_capsule, b"arrow_schema"))
+        array = _ArrowArray.from_address(_capsule_pointer(array_capsule, b"arrow_array"))
+        W, H = img.size
+        if (
+            schema.format != b"+w:4"
+            or schema.n_children != 1
+            or schema.children[0].contents.format != b"C"
+            or array.length != W * H
+            or array.offset != 0
+            or array.n_children != 1
+        ):
+            return None
+        child = array.children[0].contents
+        if child.n_buffers != 2 or child.offset != 0 or not child.buffers[1]:
+            return None
+        memory = (ctypes.c_uint8 * (4 * W * H)).from_address(child.buffers[1])
+    except (ValueError, TypeError, AttributeError, OSError):
+        return None  # e.g. an image spread over several memory blocks
+    view = torch.frombuffer(memory, dtype=torch.uint8).view(H, W, 4)
+    view._swav_arrow_export = (schema_capsule, array_capsule)  # keeps the memory alive
+    return view
+
+
 def _as_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as an ``(H, W, 3)`` uint8 tensor (one copy; read-only
-    use: the crops are copied out of it)."""
+    """An RGB PIL image as an ``(H, W, C)`` uint8 tensor, ``C`` = 4 (the
+    image's own RGBX memory, no copy: :func:`_rgbx_view`) or 3 (one copy);
+    read-only use: the crops are copied out of it, channels 0-2."""
+    view = _rgbx_view(img)
+    if view is not None:
+        return view
     arr = np.asarray(img)
     if not arr.flags.writeable:
         with warnings.catch_warnings():
@@ -194,34 +274,40 @@ def _as_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def _resized_crop_into(source: torch.Tensor, p: CropParams, out: np.ndarray) -> None:
-    """Crop ``p``'s box of ``source`` (``(H, W, 3)`` uint8), resize it to
-    ``p.size`` square, bilinear with antialiasing, flip it if ``p.flip``, and
-    write it planar into ``out`` (``(3, size, size)``, any dtype).
+def _resized_crop_into(source: np.ndarray, p: CropParams, out: np.ndarray) -> None:
+    """Crop ``p``'s box of ``source`` (``(H, W, C)`` uint8, RGB in channels
+    0-2), resize it to ``p.size`` square, bilinear with antialiasing, flip it
+    if ``p.flip``, and write it planar into ``out`` (``(3, size, size)``, any
+    dtype).
 
     torchvision's ``RandomResizedCrop`` on a PIL image is PIL's crop then
     ``resize(BILINEAR)`` (a triangle filter widened by the downscaling factor,
     edge pixels replicated at the box border); torch's uint8
     ``interpolate(mode="bilinear", antialias=True)`` implements the same
-    filter (ported from Pillow) with SIMD kernels for channels-last RGB, about
-    twice as fast; its values differ from PIL's by at most 1 (fixed-point
-    rounding; tests/test_transforms.py checks it). The flip is a reversed
-    view read by the one copy that makes the crop planar."""
-    box = source[p.top : p.top + p.height, p.left : p.left + p.width]
-    if p.height == p.size and p.width == p.size:
-        hwc = box.numpy()
+    filter (ported from Pillow) with SIMD kernels for channels-last images of
+    3 or 4 channels (it works on 4 internally, so the RGBX source costs
+    nothing extra), about twice as fast; its values differ from PIL's by at
+    most 1 (fixed-point rounding; tests/test_transforms.py checks it). The
+    box is first copied by NumPy (whole rows at a time; torch would copy a
+    strided box byte by byte) and the resize is called without
+    ``F.interpolate``'s Python layer; the flip is a reversed view read by the
+    one copy that makes the crop planar."""
+    h, w, C = p.height, p.width, source.shape[2]
+    box = source[p.top : p.top + h, p.left : p.left + w]
+    if h == p.size and w == p.size:
+        chw = box.transpose(2, 0, 1)[:3]
     else:
-        ws = _workspace(p.size)
-        x = _box_buffer(p.height * p.width * 3)[: p.height * p.width * 3]
-        x = x.view(1, p.height, p.width, 3)
-        x.copy_(box)
-        y = ws.resized  # (1, 3, size, size) channels-last
-        torch.ops.aten._upsample_bilinear2d_aa.out(
-            x.permute(0, 3, 1, 2), [p.size, p.size], False, None, None, out=y
-        )
-        hwc = y[0].permute(1, 2, 0).numpy()  # channels-last memory: a plain view
-    chw = hwc.transpose(2, 0, 1)
+        y, chw = _workspace(p.size).resized(C)
+        n = h * w * C
+        buf, buf_np = _box_buffer(n)
+        np.copyto(buf_np[:n].reshape(h, w, C), box)
+        _upsample_aa(buf.as_strided((1, C, h, w), (n, 1, w * C, C)), [p.size, p.size], False, None, None, out=y)
     np.copyto(out, chw[:, :, ::-1] if p.flip else chw, casting="unsafe")
+
+
+# torch's antialiased bilinear resize (what F.interpolate(mode="bilinear",
+# antialias=True) calls), with an output argument
+_upsample_aa = torch._C._nn._upsample_bilinear2d_aa
 
 
 # ---------------------------------------------------------------------------
@@ -237,13 +323,15 @@ def _resized_crop_into(source: torch.Tensor, p: CropParams, out: np.ndarray) -> 
 #   mean grey level, ImageEnhance.Contrast) and saturation (a = the pixel's
 #   grey level, ImageEnhance.Color) are those float32 operations, without the
 #   round trips through 8-bit images.
-# * PIL's RGB -> L is ``(19595 r + 38470 g + 7471 b + 0x8000) >> 16``; the
-#   products and sums stay below 2**24, so a float32 product is exact.
+# * PIL's RGB -> L is ``(19595 r + 38470 g + 7471 b + 0x8000) >> 16``: with
+#   the weights divided by 2**16 (exact), every product and partial sum is a
+#   multiple of 2**-16 below 256, so the float32 matrix product is exact in
+#   any summation order and ``floor(sum + 1/2)`` is PIL's level.
 # Working on float32 levels in place keeps every crop in one buffer from the
 # resize to the normalised output (no PIL images, no 8-bit copies).
 # ---------------------------------------------------------------------------
 _F32 = np.float32
-_LUMA_W = np.array([[19595.0, 38470.0, 7471.0]], dtype=np.float32)
+_LUMA_W = np.array([[19595.0, 38470.0, 7471.0]], dtype=np.float32) / _F32(65536.0)
 _HUE = 3  # index of the hue adjustment in JitterParams.order
 
 
@@ -257,26 +345,51 @@ class _Workspace:
 
     def __init__(self, size: int):
         P = size * size
+        self.size = size
+        self.P = P
         self.v = np.empty(P, np.float32)
         self.c = np.empty(P, np.float32)
-        self.t = np.empty(P, np.float32)
-        self.u = np.empty(P, np.float32)
+        self.t = np.empty((1, P), np.float32)
         self.idx = torch.empty(P, dtype=torch.int32)
-        self.K = np.empty((3, P), np.float32)
-        self.K2 = np.empty((3, P), np.float32)
+        self.h8 = torch.empty(P, dtype=torch.uint8)
         self.L = np.empty((1, P), np.float32)
-        self.resized = torch.empty((1, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-        self.blur: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._blur_tmp = torch.empty(0)
+        self._resized: Dict[int, Tuple[torch.Tensor, np.ndarray]] = {}
+        self._hue_views: Dict[int, tuple] = {}
 
-    def blur_buffers(self, size: int, h: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Row- and column-padded ``(size + 2h, 3 size)`` and ``(3 size,
-        size + 2h)`` buffers whose margins stay zero."""
-        if h not in self.blur:
-            self.blur[h] = (
-                torch.zeros((size + 2 * h, 3 * size)),
-                torch.zeros((3 * size, size + 2 * h)),
+    def resized(self, channels: int) -> Tuple[torch.Tensor, np.ndarray]:
+        """The resize output, a ``(1, channels, size, size)`` channels-last
+        uint8 tensor, and its first 3 channels as a ``(3, size, size)``
+        NumPy view."""
+        if channels not in self._resized:
+            S = self.size
+            y = torch.empty((1, S, S, channels), dtype=torch.uint8).permute(0, 3, 1, 2)
+            self._resized[channels] = (y, y[0].numpy()[:3])
+        return self._resized[channels]
+
+    def blur_tmp(self, crops: int) -> torch.Tensor:
+        """A float32 work buffer for the blur of ``crops`` crops."""
+        n = crops * 3 * self.P
+        if self._blur_tmp.numel() < n:
+            self._blur_tmp = torch.empty(n)
+        return self._blur_tmp
+
+    def hue_views(self, P: int) -> tuple:
+        """NumPy and torch views of the hue's work arrays for ``P`` pixels,
+        made once (a torch view of a NumPy array or the reverse costs about
+        as much as a pass over a 96x96 crop). The float hue shares the
+        memory of the gather indices, the saturation denominator that of the
+        index computation: a smaller working set (the hue of a 224 crop
+        does not fit in a 1 MiB L2 cache)."""
+        if P not in self._hue_views:
+            idx, h8 = self.idx[:P], self.h8[:P]
+            idx_n = idx.numpy()
+            h = idx_n.view(np.float32)
+            self._hue_views[P] = (
+                self.v[:P], self.c[:P], h, torch.from_numpy(h), self.t[:, :P], self.t[0, :P],
+                idx, idx_n, h8, h8.numpy(),
             )
-        return self.blur[h]
+        return self._hue_views[P]
 
 
 _TLS = threading.local()
@@ -291,42 +404,56 @@ def _workspace(size: int) -> _Workspace:
     return cache[size]
 
 
-def _box_buffer(numel: int) -> torch.Tensor:
-    """A per-thread uint8 buffer of at least ``numel`` bytes (crop boxes)."""
+def _box_buffer(numel: int) -> Tuple[torch.Tensor, np.ndarray]:
+    """A per-thread uint8 buffer of at least ``numel`` bytes (crop boxes), as
+    a torch tensor and a NumPy array on the same memory."""
     buf = getattr(_TLS, "box", None)
-    if buf is None or buf.numel() < numel:
-        buf = _TLS.box = torch.empty(numel, dtype=torch.uint8)
+    if buf is None or buf[0].numel() < numel:
+        t = torch.empty(numel, dtype=torch.uint8)
+        buf = _TLS.box = (t, t.numpy())
     return buf
 
 
 def _luma(X: np.ndarray, ws: _Workspace) -> np.ndarray:
     """PIL's ``convert("L")`` of the planar crop ``X``: ``(1, P)`` levels."""
     L = np.matmul(_LUMA_W, X, out=ws.L[:, : X.shape[1]])
-    L += _F32(32768.0)
-    L *= _F32(1.0 / 65536.0)
+    L += _HALF
     return np.floor(L, out=L)
 
 
-def _clip_trunc(X: np.ndarray) -> None:
-    # torch's clamp_ on the same memory: 2.5x faster than np.clip here
-    torch.from_numpy(X).clamp_(0.0, 255.0).trunc_()
+def _clip_trunc(X: np.ndarray, factor: float, lower: bool = True) -> None:
+    # With alpha = factor <= 1 the blend a + alpha * (b - a) lies between a
+    # and b, both in [0, 255], also in float32 (rounding is monotonic), so
+    # PIL's clipping is a no-op and only the truncation remains (``lower``:
+    # whether the blend can be negative); torch's in-place kernels on the
+    # same memory are 1.5-2.5x faster than NumPy's.
+    t = torch.from_numpy(X)
+    if factor > 1.0:
+        if lower:
+            t.clamp_(0.0, 255.0)
+        else:
+            t.clamp_max_(255.0)
+    t.trunc_()
 
 
 def _brightness_(X: np.ndarray, factor: float, ws: _Workspace) -> None:
-    # ImageEnhance.Brightness: blend with black, 0 + f * (x - 0) == f * x.
+    # ImageEnhance.Brightness: blend with black, 0 + f * (x - 0) == f * x,
+    # never negative (f >= 0).
     X *= _F32(factor)
-    _clip_trunc(X)
+    _clip_trunc(X, factor, lower=False)
 
 
 def _contrast_(X: np.ndarray, factor: float, ws: _Workspace) -> None:
     # ImageEnhance.Contrast: blend with the grey level int(mean(L) + 0.5),
     # the mean as ImageStat computes it (exact integer sum / pixel count).
     L = _luma(X, ws)
-    m = _F32(int(float(L.sum(dtype=np.float64)) / L.size + 0.5))
+    # integer levels: a float32 sum is exact below 2**24 (torch's is fastest)
+    total = float(torch.from_numpy(L).sum()) if 255 * L.size < (1 << 24) else float(L.sum(dtype=np.float64))
+    m = _F32(int(total / L.size + 0.5))
     X -= m
     X *= _F32(factor)
     X += m
-    _clip_trunc(X)
+    _clip_trunc(X, factor)
 
 
 def _saturation_(X: np.ndarray, factor: float, ws: _Workspace) -> None:
@@ -335,7 +462,7 @@ def _saturation_(X: np.ndarray, factor: float, ws: _Workspace) -> None:
     X -= L
     X *= _F32(factor)
     X += L
-    _clip_trunc(X)
+    _clip_trunc(X, factor)
 
 
 def _grayscale_(X: np.ndarray, ws: _Workspace) -> None:
@@ -353,15 +480,22 @@ def _build_hue_table() -> np.ndarray:
     r, g, b = r - low, g - low, b - low
     fits = np.maximum(np.maximum(r, g), b) <= 255
     pix = np.stack([np.where(fits, c, 0) for c in (r, g, b)], -1).astype(np.uint8)
-    return np.asarray(Image.fromarray(pix).convert("HSV"))[..., 0].ravel().astype(np.float32)
+    return np.asarray(Image.fromarray(pix).convert("HSV"))[..., 0].ravel().copy()
 
 
-_HUE_OF_DIFFS = _build_hue_table()
+_HUE_OF_DIFFS = _build_hue_table()  # uint8
 _HUE_OF_DIFFS_T = torch.from_numpy(_HUE_OF_DIFFS)
-_HUE_INDEX_OFFSET = 255.0 * 511.0 + 255.0
-# Phase of R, G, B on the hue circle in 1/255 of a sector (6 sectors = 1530),
-# minus the centre 510 of the ramp X (see _hue_).
-_HUE_PHASE = np.array([[5 * 255.0 - 510], [3 * 255.0 - 510], [1 * 255.0 - 510]], dtype=np.float32)
+# (r - g) * 511 + (g - b) + 130560 == 511 r - 510 g - b + 130560: one exact
+# float32 matrix product (all values are integers below 2**24)
+_HUE_INDEX_W = np.array([[511.0, -510.0, -1.0]], dtype=np.float32)
+_HUE_INDEX_OFFSET = _F32(255.0 * 511.0 + 255.0)
+# NumPy scalars made once (constructing one costs as much as a small pass)
+_HALF, _SIX, _F255, _F510, _TINY = _F32(0.5), _F32(6.0), _F32(255.0), _F32(510.0), _F32(1e-30)
+_INV_65025 = _F32(1.0 / 65025.0)
+_U8 = [np.uint8(k) for k in range(256)]
+# Per channel (R, G, B), the centre c_n of the one-|.| form of the hue ramp
+# in 6 h' (see _hue_).
+_HUE_CENTRE = np.array([[765.0], [510.0], [1020.0]], dtype=np.float32)
 
 
 def _hue_(X: np.ndarray, shift: int, ws: _Workspace) -> None:
@@ -373,51 +507,45 @@ def _hue_(X: np.ndarray, shift: int, ws: _Workspace) -> None:
     every (chroma, max) pair) and the hue byte ``h`` from PIL's own table
     (:func:`_build_hue_table`; its float rounding differs from exact
     arithmetic on 0.2 % of the colours, so it is looked up, not computed).
-    HSV -> RGB: with ``h' = (h + shift) mod 256``, each channel ``n`` is ``v
-    - round(v s X_n / 65025)`` where ``X_n = clip(510 - d_n, 0, 255)``,
-    ``d_n`` the distance on a circle of 1530 between ``6 h' + phase_n``
-    (``phase`` 5, 3, 1 sectors of 255 for R, G, B) and 510: the channel's
+    HSV -> RGB: with ``h' = (h + shift) mod 256`` (a uint8 addition), each
+    channel ``n`` is ``v - round(v s X_n / 65025)``, ``X_n`` the channel's
     position on PIL's piecewise-linear hue ramp in 1/255 units (255: PIL's
-    ``p``, 0: ``v``, else its ``q`` or ``t``). Evaluated as ``rint(X_n * (v s
-    / 65025))`` in float32 this rounding equals PIL's for all 2**24 (v, s, X)
-    (checked exhaustively when written; the tests compare whole images)."""
+    ``p``, 0: ``v``, else its ``q`` or ``t``): ``X_n = clip(510 - d_n, 0,
+    255)``, ``d_n`` the distance on the circle of 1530 between ``6 h'`` and
+    the channel's peak (R 765, G 1275, B 255). Over ``0 <= 6 h' <= 1530``
+    one absolute value gives it: ``X_R = clip(510 - |6 h' - 765|, 0, 255)``
+    (centred on the peak) and ``X_G, X_B = clip(|6 h' - t| - 255, 0, 255)``
+    with ``t`` = 510, 1020 (centred on the trough, where ``X = 0``; exact up
+    to 1020 from it), computed as ``Y = clip(|6 h' - c_n|, 255, 510)`` then
+    ``510 - Y`` or ``Y - 255``. Evaluated as ``rint(X_n * (v s / 65025))``
+    in float32 this rounding equals PIL's for all 2**24 (v, s, X) (checked
+    exhaustively when written; the tests compare whole images for every
+    shift)."""
     r, g, b = X
-    P = X.shape[1]
-    v = np.maximum(r, g, out=ws.v[:P])
+    v, c, h, h_t, t, t0, idx, idx_n, h8, h8_n = ws.hue_views(X.shape[1])
+    np.maximum(r, g, out=v)
     np.maximum(v, b, out=v)
-    c = np.minimum(r, g, out=ws.c[:P])
+    np.minimum(r, g, out=c)
     np.minimum(c, b, out=c)
     np.subtract(v, c, out=c)  # chroma
-    t = np.subtract(r, g, out=ws.t[:P])
-    t *= _F32(511.0)
-    t += g
-    t -= b
-    t += _F32(_HUE_INDEX_OFFSET)
     # PIL's hue byte by table look-up (torch's int32 gather: faster than np.take)
-    idx = ws.idx[:P]
-    idx.copy_(torch.from_numpy(t))
-    torch.index_select(_HUE_OF_DIFFS_T, 0, idx, out=torch.from_numpy(t))
-    h = t
-    h += _F32(shift)
-    u = np.multiply(h, _F32(1.0 / 256.0), out=ws.u[:P])  # exact: power of two
-    np.floor(u, out=u)
-    u *= _F32(256.0)
-    h -= u  # (h + shift) mod 256
-    w = np.multiply(c, _F32(255.0), out=u)
-    np.add(v, _F32(1e-30), out=c)  # no-op for v >= 1; v = 0 (then c = 0) gives 0
-    w /= c
+    np.matmul(_HUE_INDEX_W, X, out=t)
+    np.add(t0, _HUE_INDEX_OFFSET, out=idx_n, casting="unsafe")
+    torch.index_select(_HUE_OF_DIFFS_T, 0, idx, out=h8)
+    np.add(h8_n, _U8[shift], out=h8_n)  # uint8: modulo 256
+    h_t.copy_(h8)  # over the indices, no longer needed
+    h *= _SIX
+    w = np.multiply(c, _F255, out=c)
+    den = np.add(v, _TINY, out=t0)  # v = 0 (then c = 0) gives 0
+    w /= den
     np.floor(w, out=w)  # saturation byte s
     w *= v  # v s, exact (< 2**16)
-    w *= _F32(1.0 / 65025.0)
-    h *= _F32(6.0)
-    # |position - 510| on the hue circle of 1530 (distance to the ramp's centre)
-    K = np.add(h, _HUE_PHASE, out=ws.K[:, :P])  # 6 h' + phase - 510, in [-255, 2295]
+    w *= _INV_65025
+    K = np.subtract(h, _HUE_CENTRE, out=X)  # the input is no longer needed
     np.abs(K, out=K)
-    K2 = np.subtract(K, _F32(1530.0), out=ws.K2[:, :P])
-    np.abs(K2, out=K2)
-    np.minimum(K, K2, out=K)
-    np.subtract(_F32(510.0), K, out=K)
-    torch.from_numpy(K).clamp_(0.0, 255.0)  # X_n
+    torch.from_numpy(K).clamp_(255.0, 510.0)
+    np.subtract(_F510, K[0], out=K[0])
+    np.subtract(K[1:], _F255, out=K[1:])  # X_n
     K *= w
     np.rint(K, out=K)  # never a tie: the exact value is never k + 1/2
     np.subtract(v, K, out=X)
@@ -461,29 +589,47 @@ def _hue_shift_byte(hue: float) -> int:
 # every pass: values within 3 levels of PIL's (mean absolute difference 0.1
 # to 0.5 level on photographs, no bias except at radii whose box weights make
 # PIL's per-pass rounding hit exact halves; tests/test_transforms.py).
+#
+# One pass is K = a A + b B (a = ww / 2**24, b = fw / 2**24; A sums the 2r+1
+# samples around each output, B the two at distance r + 1, indices clamped),
+# so the three passes are the cubic
+#     K^3 = a^3 A^3 + a^2 b (A^2 B + A B A + B A^2)
+#           + a b^2 (A B^2 + B A B + B^2 A) + b^3 B^3,
+# whose four integer matrices depend only on (S, r) and are computed once
+# (r is 0 or 1 for the recipe's radii): a crop's operator is four
+# coefficients times a cached basis, never a product of matrices.
 # ---------------------------------------------------------------------------
-_BLUR_BLOCK = 32  # output columns / rows per block of the banded products
+_BLUR_BLOCK = 32  # output rows / columns per block of the banded products
+
+
+_F32_STRUCT = struct.Struct("f")
+
+
+def _f32(x: float, _pack=_F32_STRUCT.pack, _unpack=_F32_STRUCT.unpack) -> float:
+    # the float32 nearest to x (a double operation on float32 operands,
+    # rounded to float32, is the float32 operation: 53 >= 2 * 24 + 2 bits)
+    return _unpack(_pack(x))[0]
 
 
 def _pil_box_weights(radius: float) -> Tuple[int, int, int]:
     """``(r, ww, fw)`` of one box pass of PIL's ``GaussianBlur(radius)``:
     Pillow's ``_gaussian_blur_radius`` (3 passes) and
-    ``ImagingHorizontalBoxBlur``, with their float32 arithmetic."""
-    f32 = np.float32
-    rad = f32(radius)
-    sigma2 = rad * rad / f32(3)
-    L = f32(math.sqrt(12.0 * float(sigma2) + 1.0))
-    l = f32(math.floor((float(L) - 1.0) / 2.0))
-    a = (f32(2) * l + f32(1)) * (l * (l + f32(1)) - f32(3) * sigma2)
-    a = a / (f32(6) * (sigma2 - (l + f32(1)) * (l + f32(1))))
-    box = l + a
+    ``ImagingHorizontalBoxBlur``, with their float32 (and double)
+    arithmetic, each float32 operation rounded as C rounds it."""
+    rad = _f32(radius)
+    sigma2 = _f32(_f32(rad * rad) / 3.0)
+    L = _f32(math.sqrt(12.0 * sigma2 + 1.0))
+    l = _f32(math.floor((L - 1.0) / 2.0))
+    l1 = l + 1.0  # small integers: exact
+    a = _f32(_f32(2.0 * l + 1.0) * _f32(_f32(l * l1) - _f32(3.0 * sigma2)))
+    a = _f32(a / _f32(6.0 * _f32(sigma2 - _f32(l1 * l1))))
+    box = _f32(l + a)
     r = int(box)
-    ww = int(f32(1 << 24) / (box * f32(2) + f32(1)))
+    ww = int(_f32(float(1 << 24) / _f32(_f32(box * 2.0) + 1.0)))
     fw = ((1 << 24) - (r * 2 + 1) * ww) // 2
     return r, ww, fw
 
 
-@functools.lru_cache(maxsize=None)
 def _box_shift_sums(S: int, r: int) -> Tuple[np.ndarray, np.ndarray]:
     """``(A, B)``: ``(S, S)`` matrices summing, for each output sample, the
     input samples at offsets ``|d| <= r`` (``A``) and ``d = +-(r + 1)``
@@ -496,101 +642,139 @@ def _box_shift_sums(S: int, r: int) -> Tuple[np.ndarray, np.ndarray]:
     return A, B
 
 
-def _pass_matrix(S: int, r: int, ww: int, fw: int) -> np.ndarray:
-    """One PIL box pass over ``S`` samples as an ``(S, S)`` float64 matrix
-    (row = output sample), edges replicated."""
+@functools.lru_cache(maxsize=None)
+def _blur_basis(S: int, r: int) -> np.ndarray:
+    """The four ``(S, S)`` integer matrices of the cubic ``(a A + b B)^3``
+    (section comment), float64, as rows of a ``(4, S * S)`` array."""
     A, B = _box_shift_sums(S, r)
-    return A * (ww / float(1 << 24)) + B * (fw / float(1 << 24))
+    AA, AB, BA, BB = A @ A, A @ B, B @ A, B @ B
+    basis = np.stack([AA @ A, AA @ B + AB @ A + BA @ A, AB @ B + BA @ B + BB @ A, BB @ B])
+    return basis.reshape(4, S * S)
+
+
+def _blur_coefficients(box: Tuple[int, int, int]) -> np.ndarray:
+    """``a^3, a^2 b, a b^2, b^3`` of a box pass ``(r, ww, fw)``, ``a = ww /
+    2**24``, ``b = fw / 2**24`` (float64)."""
+    a, b = box[1] / 16777216.0, box[2] / 16777216.0
+    return np.array([a * a * a, a * a * b, a * b * b, b * b * b])
+
+
+def _nonzeros(basis: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The columns of a ``(4, n)`` basis with a non-zero entry: their
+    indices and the ``(4, K)`` values (the operators are bands: a crop's
+    operator is computed and read on its band only)."""
+    nz = np.flatnonzero(np.any(basis != 0, axis=0))
+    return nz, np.ascontiguousarray(basis[:, nz])
+
+
+@functools.lru_cache(maxsize=None)
+def _sparse_basis(S: int, r: int) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`_nonzeros` of :func:`_blur_basis` (a band of half-width
+    ``3 (r + 1)``)."""
+    return _nonzeros(_blur_basis(S, r))
+
+
+def _blur_matrices_into(P: np.ndarray, S: int, boxes: Sequence[Tuple[int, int, int]]) -> None:
+    """Write the operator of each box pass ``boxes[i]`` (see
+    :func:`_blur_matrix`) into the zeroed row ``P[i]`` (``S * S`` float32)."""
+    for i, box in enumerate(boxes):
+        nz, vals = _sparse_basis(S, box[0])
+        P[i, nz] = np.dot(_blur_coefficients(box), vals)
 
 
 def _blur_matrix(S: int, box: Tuple[int, int, int]) -> np.ndarray:
     """PIL's three box passes (``box`` = ``(r, ww, fw)``, from
     :func:`_pil_box_weights`) along one axis of ``S`` samples, composed:
-    ``(S, S)`` float32, row = output sample.
+    ``(S, S)`` float32, row = output sample."""
+    P = np.zeros((1, S * S), np.float32)
+    _blur_matrices_into(P, S, [box])
+    return P.reshape(S, S)
 
-    Away from the edges the product is the 3-fold convolution of the box
-    kernel (a band of half-width ``h = 3 (r + 1)``); only the first and last
-    ``h`` rows see the replicated edges. Those come from the product of the
-    pass matrices of a ``2 h + 1``-sample line (which has the same edge
-    rows), so the cost does not grow with ``S**3``."""
-    r, ww, fw = box
+
+@functools.lru_cache(maxsize=None)
+def _band_basis(S: int, r: int, blk: int) -> Tuple[Tuple[np.ndarray, np.ndarray], int]:
+    """The basis of :func:`_blur_basis` cut into the blocks of a banded
+    product, ``(nb, blk, W)`` blocks flattened (``nb = S / blk``, ``W = blk +
+    2 h``, ``h = 3 (r + 1)`` the half-width of the band; block ``b`` maps the
+    input samples ``s_b .. s_b + W - 1``, ``s_b = clip(b blk - h, 0, S -
+    W)``, to the outputs ``b blk .. b blk + blk - 1``), as its
+    :func:`_nonzeros`; and ``h``."""
     h = 3 * (r + 1)
-    if S <= 2 * h + 1:
-        K = _pass_matrix(S, r, ww, fw)
-        return (K @ K @ K).astype(np.float32)
-    taps = np.full(2 * r + 3, ww / float(1 << 24))
-    taps[0] = taps[-1] = fw / float(1 << 24)
-    kernel = np.convolve(np.convolve(taps, taps), taps).astype(np.float32)  # 2 h + 1 taps
-    band = np.zeros((S, S + 2 * h + 1), np.float32)
-    np.lib.stride_tricks.as_strided(
-        band, shape=(S, 2 * h + 1), strides=(band.strides[0] + band.strides[1], band.strides[1]),
-        writeable=True,
-    )[:] = kernel
-    P = np.ascontiguousarray(band[:, h : h + S])
-    K = _pass_matrix(2 * h + 1, r, ww, fw)
-    edge = (K @ K @ K)[:h, : 2 * h]
-    P[:h, : 2 * h] = edge
-    P[S - h :, S - 2 * h :] = edge[::-1, ::-1]
-    return P
-
-
-def _band_blocks(P: np.ndarray, h: int, blk: int) -> torch.Tensor:
-    """The blocks of the banded ``(S, S)`` matrix ``P`` for blocked products:
-    block ``b`` (``(blk, blk + 2h)``) maps the input samples ``b blk - h ..
-    b blk + blk + h - 1`` (zero outside the line) to the outputs ``b blk ..
-    b blk + blk - 1``."""
-    S = P.shape[0]
-    Pp = np.zeros((S, S + 2 * h), np.float32)
-    Pp[:, h : h + S] = P
-    rs, cs = Pp.strides
-    view = np.lib.stride_tricks.as_strided(
-        Pp, shape=(S // blk, blk, blk + 2 * h), strides=(blk * (rs + cs), rs, cs)
+    W, nb = blk + 2 * h, S // blk
+    full = _blur_basis(S, r).reshape(4, S, S)
+    starts = [min(max(b * blk - h, 0), S - W) for b in range(nb)]
+    blocks = np.stack(
+        [full[:, b * blk : (b + 1) * blk, s : s + W] for b, s in enumerate(starts)], 1
     )
-    return torch.from_numpy(np.ascontiguousarray(view))
+    # every non-zero of the operator lies in its block's window
+    assert np.array_equal(blocks.sum(3), full.sum(2).reshape(4, nb, blk))
+    return _nonzeros(blocks.reshape(4, -1)), h
 
 
-def _blur_(x: torch.Tensor, crops: Sequence[int], radii: Sequence[float]) -> None:
-    """Blur the crops ``x[crops]`` (``x``: ``(N, 3, S, S)`` float32 levels)
-    in place, crop ``crops[j]`` with PIL's ``GaussianBlur(radii[j])`` (see
-    the section comment): ``P x P^T`` per channel, rounded.
+def _banded(S: int, r: int) -> bool:
+    # blocks need S a multiple of the block and a band narrower than it;
+    # up to 128 samples the dense product is as fast
+    return S > 128 and S % _BLUR_BLOCK == 0 and 6 * (r + 1) <= _BLUR_BLOCK
 
-    The crops are copied into rows-channels-columns order, so that each axis
-    is one matrix product over all channels: ``P @ x`` on ``(S, 3 S)``, then
-    ``x @ P^T`` on ``(3 S, S)``. Up to 128 samples the products are dense;
-    above, with ``S`` a multiple of 32 and a band narrower than 32 (else
-    dense again: no cheaper), banded: each block of 32 outputs is the
-    product of a ``(32 + 2 h)``-sample window of the zero-padded input with
-    the matching block of ``P`` (``h`` the band's half-width), all blocks in
-    one batched product that reads the overlapping windows in place (a
-    quarter of the dense product's arithmetic at 224)."""
-    _, C, S, _ = x.shape
-    n = len(crops)
-    hcw = torch.empty((n, S, C, S))
-    for j, k in enumerate(crops):
-        hcw[j].copy_(x[k].permute(1, 0, 2))
-    boxes = [_pil_box_weights(float(rad)) for rad in radii]
-    mats = [_blur_matrix(S, box) for box in boxes]
-    band = max(3 * (box[0] + 1) for box in boxes)
+
+def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor) -> None:
+    """Blur the crops ``x`` (``(m, C, S, S)`` float32 levels, each crop's
+    channels contiguous) in place, crop ``j`` with PIL's
+    ``GaussianBlur(radii[j])`` (see the section comment): ``P x P^T`` per
+    channel, rounded to the nearest level (ties, which the float sums
+    practically never hit, to even); ``tmp``: a contiguous work buffer of at
+    least ``m * C * S * S`` floats.
+
+    Dense operators (up to 128 samples): one batched product along the
+    width on the ``(C S, S)`` rows of every crop, one along the height on
+    every channel, for all crops at once (operators built on their band
+    only). Banded (above, with ``S`` a
+    multiple of 32 and a band narrower than 32): per crop, each block of 32
+    outputs is the product of a ``(32 + 2 h)``-sample window of the input
+    with its block of the operator, the blocks between the two edge blocks in
+    one batched product that reads the overlapping windows in place (at 224,
+    44 instead of 224 multiply-adds per output and axis): along the width on
+    the rows of all channels at once, along the height per channel."""
+    m, C, S, _ = x.shape
+    boxes = [_pil_box_weights(rad) for rad in radii]
+    banded = [_banded(S, box[0]) for box in boxes]
+    dense = [j for j in range(m) if not banded[j]]
+    if dense:
+        n = len(dense)
+        xd = x if n == m else x[torch.tensor(dense)]
+        P = np.zeros((n, S * S), np.float32)
+        _blur_matrices_into(P, S, [boxes[j] for j in dense])
+        Pt = torch.from_numpy(P).view(n, S, S)
+        t = tmp[: n * C * S * S].view(n, C, S, S)
+        torch.bmm(xd.view(n, C * S, S), Pt.transpose(1, 2), out=t.view(n, C * S, S))  # width
+        torch.matmul(Pt.unsqueeze(1), t, out=xd)  # height, every channel
+        xd.round_()
+        if n < m:
+            x[torch.tensor(dense)] = xd
     blk = _BLUR_BLOCK
-    if S <= 128 or S % blk or 2 * band > blk:
-        P = torch.from_numpy(np.stack(mats))  # (n, S, S)
-        PT = P.transpose(1, 2).contiguous()
-        y = torch.bmm(P, hcw.view(n, S, C * S))  # along height
-        torch.bmm(y.view(n, S * C, S), PT, out=hcw.view(n, S * C, S))  # along width
-    else:
-        h, nb = band, S // blk
-        xp, zp = _workspace(S).blur_buffers(S, h)  # zero margins
-        for k in range(n):
-            Mt = _band_blocks(mats[k], h, blk)  # (nb, blk, blk + 2h)
-            xp[h : h + S] = hcw[k].view(S, C * S)
-            win = xp.as_strided((nb, blk + 2 * h, C * S), (blk * C * S, C * S, 1))
-            torch.bmm(Mt, win, out=hcw[k].view(nb, blk, C * S))  # along height
-            zp[:, h : h + S] = hcw[k].view(S * C, S)
-            win = zp.as_strided((nb, S * C, blk + 2 * h), (blk, S + 2 * h, 1))
-            torch.bmm(win, Mt.transpose(1, 2), out=hcw[k].view(S * C, nb, blk).permute(1, 0, 2))  # width
-    hcw.add_(0.5).floor_()
-    for j, k in enumerate(crops):
-        x[k].copy_(hcw[j].permute(1, 0, 2))
+    for j in range(m):
+        if not banded[j]:
+            continue
+        (nz, vals), h = _band_basis(S, boxes[j][0], blk)
+        W, nb = blk + 2 * h, S // blk
+        M = np.zeros(nb * blk * W, np.float32)
+        M[nz] = np.dot(_blur_coefficients(boxes[j]), vals)
+        M = torch.from_numpy(M).view(nb, blk, W)
+        xj = x[j]
+        xf, tf = xj.view(C * S, S), tmp[: C * S * S].view(C * S, S)
+        # along width: first block, the nb - 2 middle ones at once, last block
+        torch.mm(xf[:, :W], M[0].t(), out=tf[:, :blk])
+        win = xf.as_strided((nb - 2, C * S, W), (blk, S, 1), xf.storage_offset() + blk - h)
+        out = tf.as_strided((nb - 2, C * S, blk), (blk, S, 1), tf.storage_offset() + blk)
+        torch.bmm(win, M[1:-1].transpose(1, 2), out=out)
+        torch.mm(xf[:, S - W :], M[-1].t(), out=tf[:, S - blk :])
+        for c in range(C):  # along height
+            tc, xc = tf[c * S : (c + 1) * S], xj[c]
+            torch.mm(M[0], tc[:W], out=xc[:blk])
+            win = tc.as_strided((nb - 2, W, S), (blk * S, S, 1), tc.storage_offset() + (blk - h) * S)
+            torch.bmm(M[1:-1], win, out=xc[blk : S - blk].view(nb - 2, blk, S))
+            torch.mm(M[-1], tc[S - W :], out=xc[S - blk :])
+        xj.round_()
 
 
 def _fail(msg: str) -> None:
@@ -896,18 +1080,22 @@ class SwavPluginMultiCrop(ClassyTransform):
         source: torch.Tensor,
         params: Sequence[CropParams],
         timers: Optional[Dict[str, float]] = None,
-    ) -> List[torch.Tensor]:
-        """Render the crops of one image: for each run of consecutive crops
-        of the same size, one ``(n, 3, size, size)`` float32 tensor of 8-bit
-        levels (integers 0..255) after every augmentation, before ToTensor /
-        Normalize.
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Render the crops of one image as float32 8-bit levels (integers
+        0..255) after every augmentation, before ToTensor / Normalize.
 
-        ``source``: the image as an ``(H, W, 3)`` uint8 tensor. In the
-        recipe's order: all resized crops and flips first (written planar
-        into the float32 buffers, while the source is in cache), then per
-        crop the colour jitter (its four adjustments in the crop's random
-        order) and grayscale (NumPy, in place), then the blur of the blurred
-        crops of each size together (torch matrix products).
+        Returns ``(buffers, crops)``: ``buffers``, for each run of consecutive
+        crops of the same size, one ``(n, 3, size, size)`` tensor holding
+        them (blurred crops first, so that they are blurred together);
+        ``crops``, the ``len(params)`` crops in the order of ``params``, each
+        a ``(3, size, size)`` view into a buffer.
+
+        ``source``: the image as an ``(H, W, C)`` uint8 tensor (RGB in
+        channels 0-2). In the recipe's order: all resized crops and flips
+        first (written planar into the float32 buffers, while the source is
+        in cache), then per crop the colour jitter (its four adjustments in
+        the crop's random order) and grayscale (NumPy, in place), then the
+        blur of the blurred crops of each size (torch matrix products).
 
         ``timers``: when given, the process CPU time of each step (resize,
         brightness, contrast, saturation, hue, grayscale, blur) is added to
@@ -919,18 +1107,25 @@ class SwavPluginMultiCrop(ClassyTransform):
                 runs[-1] = (runs[-1][0], k + 1)
             else:
                 runs.append((k, k + 1))
-        xs = [torch.empty((b - a, 3, params[a].size, params[a].size)) for a, b in runs]
-        clock.start()
-        for (a, b), x in zip(runs, xs):
+        buffers: List[torch.Tensor] = []
+        crops: List[Optional[torch.Tensor]] = [None] * len(params)
+        source_np = source.numpy()
+        for a, b in runs:
+            size = params[a].size
+            ws = _workspace(size)
+            # slots: blurred colour crops, blurred grey crops, the others
+            colour = [k for k in range(a, b) if params[k].blur_radius is not None and not params[k].grayscale]
+            grey = [k for k in range(a, b) if params[k].blur_radius is not None and params[k].grayscale]
+            slots = colour + grey + [k for k in range(a, b) if params[k].blur_radius is None]
+            x = torch.empty((b - a, 3, size, size))
             xn = x.numpy()
-            for k in range(a, b):
-                _resized_crop_into(source, params[k], xn[k - a])
-        clock.stop("resize")
-        for (a, b), x in zip(runs, xs):
-            xn = x.numpy()
-            ws = _workspace(params[a].size)
-            for k in range(a, b):
-                p, X = params[k], xn[k - a].reshape(3, -1)
+            clock.start()
+            for i, k in enumerate(slots):
+                _resized_crop_into(source_np, params[k], xn[i])
+            clock.stop("resize")
+            for i, k in enumerate(slots):
+                p = params[k]
+                X = xn[i].reshape(3, -1)
                 if p.jitter is not None:
                     for op in p.jitter.order:
                         clock.start()
@@ -943,21 +1138,27 @@ class SwavPluginMultiCrop(ClassyTransform):
                     clock.start()
                     _grayscale_(X, ws)
                     clock.stop("grayscale")
-        clock.start()
-        for (a, b), x in zip(runs, xs):
-            blurred = [k - a for k in range(a, b) if params[k].blur_radius is not None]
-            if blurred:
-                _blur_(x, blurred, [params[a + k].blur_radius for k in blurred])
-        clock.stop("blur")
-        return xs
+            if colour or grey:
+                clock.start()
+                tmp = ws.blur_tmp(len(colour) + len(grey))
+                if colour:
+                    _blur_(x[: len(colour)], [params[k].blur_radius for k in colour], tmp)
+                if grey:  # three equal channels: blur one, copy it
+                    g = x[len(colour) : len(colour) + len(grey)]
+                    _blur_(g[:, :1], [params[k].blur_radius for k in grey], tmp)
+                    g[:, 1:].copy_(g[:, :1].expand(-1, 2, -1, -1))
+                clock.stop("blur")
+            for k, crop in zip(slots, x.unbind(0)):
+                crops[k] = crop
+            buffers.append(x)
+        return buffers, crops  # type: ignore[return-value]
 
     def render(self, source: torch.Tensor, params: Sequence[CropParams]) -> List[np.ndarray]:
         """The crops of ``params`` as ``(size, size, 3)`` uint8 RGB arrays
         (grayscale crops have three equal channels), before ToTensor."""
         return [
             np.ascontiguousarray(t.permute(1, 2, 0).numpy().astype(np.uint8))
-            for x in self.render_levels(source, params)
-            for t in x
+            for t in self.render_levels(source, params)[1]
         ]
 
     def apply_params(
@@ -975,15 +1176,14 @@ class SwavPluginMultiCrop(ClassyTransform):
         # The data source's per-sample stream (sample_seed.py), else torch's RNG.
         params = self.sample_params(*img.size, generator=sample_seed.take_generator())
         source = _as_uint8_tensor(img)  # one decoded copy for all crops
-        outputs: List[torch.Tensor] = []
-        for x in self.render_levels(source, params):
+        buffers, crops = self.render_levels(source, params)
+        for x in buffers:
             if self.normalize:
                 # fused ToTensor + Normalize: (x / 255 - mean) / std == x * scale + shift
                 x.mul_(self._scale_t).add_(self._shift_t)
             else:
                 x.div_(255.0)  # exactly ToTensor
-            outputs.extend(x.unbind(0))
-        return outputs
+        return crops
 
     def __repr__(self) -> str:
         return (

@@ -616,6 +616,94 @@ def test_blur_operator_is_pils_three_box_passes(size):
         np.testing.assert_allclose(T._blur_matrix(size, (r, ww, fw)), K @ K @ K, atol=1e-7)
 
 
+def _pillow_box_weights_float32(radius):
+    """Pillow's _gaussian_blur_radius (3 passes) and ImagingHorizontalBoxBlur
+    (BoxBlur.c) transcribed with NumPy float32 scalars: sigma2 = r*r/3,
+    L = sqrt(12 sigma2 + 1), l = floor((L - 1) / 2), a = (2l + 1)(l(l + 1) -
+    3 sigma2) / (6 (sigma2 - (l + 1)^2)), box radius l + a; ww =
+    (1 << 24) / (2 box + 1), fw = ((1 << 24) - (2r + 1) ww) / 2."""
+    f = np.float32
+    rad = f(radius)
+    sigma2 = rad * rad / f(3)
+    L = f(math.sqrt(12.0 * float(sigma2) + 1.0))
+    l = f(math.floor((float(L) - 1.0) / 2.0))
+    a = (f(2) * l + f(1)) * (l * (l + f(1)) - f(3) * sigma2)
+    a = a / (f(6) * (sigma2 - (l + f(1)) * (l + f(1))))
+    box = l + a
+    r = int(box)
+    ww = int(f(1 << 24) / (box * f(2) + f(1)))
+    return r, ww, ((1 << 24) - (r * 2 + 1) * ww) // 2
+
+
+def test_box_weights_follow_pillows_float32_arithmetic():
+    rng = np.random.default_rng(3)
+    radii = np.concatenate([rng.uniform(0.0, 2.0, 3000), rng.uniform(2.0, 12.0, 500),
+                            np.linspace(0.1, 2.0, 191)])
+    for radius in radii.tolist():
+        assert T._pil_box_weights(radius) == _pillow_box_weights_float32(radius), radius
+
+
+def test_blurred_batch_equals_crops_blurred_one_by_one():
+    """The batched blur (dense products for all crops of a size, banded ones
+    per crop, a dense crop among banded ones, grey crops on one channel)
+    gives each crop exactly what blurring it alone gives."""
+    for size, radii in ((96, [0.3, 1.9, 1.2]), (224, [0.7, 9.0, 1.6])):  # 224: banded, 9.0: dense
+        x = torch.from_numpy(np.stack([
+            planar(natural_photo(size, size, top=10 * k, left=20 * k)).reshape(3, size, size)
+            for k in range(len(radii))]))
+        tmp = torch.empty(len(radii) * 3 * size * size)
+        batch = x.clone()
+        T._blur_(batch, radii, tmp)
+        for k, radius in enumerate(radii):
+            one = x[k : k + 1].clone()
+            T._blur_(one, [radius], tmp)
+            assert torch.equal(batch[k], one[0]), (size, radius)
+        grey = x[:, :1].clone().expand(-1, 3, -1, -1).contiguous()
+        T._blur_(grey[:, :1], radii, tmp)  # one channel of each 3-channel crop
+        for k in range(len(radii)):
+            assert torch.equal(grey[k, 0], batch[k, 0]), (size, radii[k])
+
+
+def test_grey_blurred_crops_render_like_pil():
+    img = natural_photo(96, 96, top=30, left=30)
+    tr = full_image(1, 96)
+    for radius in (0.4, 1.7):
+        p = T.CropParams(96, 0, 0, 96, 96, False, None, True, radius)
+        ours = np.asarray(tr.apply_params(img, p)).astype(int)
+        ref = np.asarray(TF.rgb_to_grayscale(img, 3).filter(ImageFilter.GaussianBlur(radius))).astype(int)
+        assert np.abs(ours - ref).max() <= BLUR_MAX_DIFF
+        assert np.abs(ours - ref).mean() <= BLUR_MEAN_DIFF_PHOTO
+
+
+def test_rgbx_source_view_equals_pixels_and_outlives_the_image():
+    img = natural_photo(60, 70)
+    ref = np.asarray(img).copy()
+    src = T._as_uint8_tensor(img)
+    assert src.shape == (60, 70, 4)  # Pillow exports its RGBX memory
+    assert np.array_equal(src.numpy()[..., :3], ref)
+    del img  # freed here (reference counting); its memory must stay with the view
+    [rgb_noise(60, 70, seed=k) for k in range(5)]  # reuse of freed memory would show
+    assert np.array_equal(src.numpy()[..., :3], ref)
+    # over Pillow's 16 MiB memory block an image is not exported: a copy
+    big = Image.new("RGB", (2000, 2100), (7, 8, 9))
+    big.paste((200, 100, 50), (5, 2080, 1990, 2090))
+    src = T._as_uint8_tensor(big)
+    assert src.shape == (2100, 2000, 3)
+    assert src[2085, 100].tolist() == [200, 100, 50] and src[5, 5].tolist() == [7, 8, 9]
+
+
+def test_crops_from_rgbx_view_equal_crops_from_rgb_copy():
+    img = natural_photo(80, 90)
+    tr = make(nmb_crops=[3, 3], size_crops=[32, 12])
+    torch.manual_seed(5)
+    params = tr.sample_params(90, 80)
+    four = T._as_uint8_tensor(img)
+    three = torch.from_numpy(np.asarray(img).copy())
+    assert four.shape[2] == 4  # Pillow exports its RGBX memory here
+    for a, b in zip(tr.render(four, params), tr.render(three, params)):
+        assert np.array_equal(a, b)
+
+
 def test_dataloader_workers_collate_and_reproducible():
     tr = make(nmb_crops=[2, 2], size_crops=[16, 8])
     imgs = [rgb_noise(20, 24, seed=i) for i in range(4)]

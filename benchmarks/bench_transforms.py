@@ -271,12 +271,20 @@ def main(argv=None):
     return result
 
 
+#: the plugin's steps in the order they run (rows of the step table)
+STEP_ORDER = {name: i for i, name in enumerate([
+    "decode", "sample_params", "source (image memory view)", "resize", "brightness", "contrast",
+    "saturation", "hue", "grayscale", "blur", "ToTensor + Normalize"])}
+
+
 def report(result):
     out = []
     if "stages_ms_per_image" in result:
         st = result["stages_ms_per_image"]
-        plugin = sum(v for k, v in st.items() if not k.startswith("("))
-        rows = [[k, "%.2f" % v] for k, v in st.items()] + [["plugin, all steps", "%.2f" % plugin]]
+        steps = sorted((k for k in st if not k.startswith("(")), key=lambda k: STEP_ORDER.get(k, len(STEP_ORDER)))
+        plugin = sum(st[k] for k in steps)
+        rows = [[k, "%.2f" % st[k]] for k in steps] + [["plugin, all steps", "%.2f" % plugin]]
+        rows += [[k, "%.2f" % v] for k, v in st.items() if k.startswith("(")]
         out.append("plugin steps (process CPU ms per image)\n")
         out.append(C.md_table(["step", "ms / image"], rows) + "\n")
     for kind in ("cpu", "wall"):

@@ -6,15 +6,14 @@ clustering gives every rank the same centroids and label table, and rank 0's
 checkpoint state restores every rank's own memory bank."""
 
 import datetime
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import reference_cluster as ref
+from gloo_ranks import spawn
 
 WORLD = 2
 N0, N1, DIM, K = 700, 500, 16, 30  # rows of rank 0 and rank 1
@@ -103,26 +102,12 @@ def worker(rank, tmp):
         dist.destroy_process_group()
 
 
-def spawn_workers(tmp, deadline_s=180):
-    # forkserver: one server imports torch and the plugin once, then forks
-    # both ranks (see test_swav_loss_distributed.py).
-    mp.set_forkserver_preload(["torch", "swav_vissl_plugin", "reference_cluster"])
-    ctx = mp.start_processes(worker, args=(str(tmp),), nprocs=WORLD, join=False, start_method="forkserver")
-    start = time.monotonic()
-    while not ctx.join(timeout=1):
-        if time.monotonic() - start > deadline_s:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("distributed workers did not finish in time")
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster_dist")
     data = make_data()
     torch.save(data, tmp / "data.pt")
-    spawn_workers(tmp)
+    spawn(worker, tmp, preload=("torch", "swav_vissl_plugin", "reference_cluster"), nprocs=WORLD, deadline_s=180)
     return data, [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

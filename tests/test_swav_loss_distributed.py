@@ -4,15 +4,14 @@ half of a global batch, equal those of one process holding the whole batch.
 Also: rank 0's checkpoint state restores every rank's own queue."""
 
 import datetime
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import reference_swav as ref
+from gloo_ranks import spawn
 
 WORLD = 2
 T, EPS, ITERS = 0.1, 0.05, 3
@@ -129,30 +128,12 @@ def worker(rank, tmp):
         dist.destroy_process_group()
 
 
-def spawn_workers(tmp, deadline_s=120):
-    # forkserver: one fresh server process imports torch and the plugin once
-    # (~7 s on 2 cores), then forks both ranks from it; plain spawn would
-    # import them in each rank concurrently (~16 s). The server never ran
-    # OpenMP work, so forking from it is safe (unlike forking pytest itself).
-    mp.set_forkserver_preload(["torch", "swav_vissl_plugin", "reference_swav"])
-    ctx = mp.start_processes(
-        worker, args=(str(tmp),), nprocs=WORLD, join=False, start_method="forkserver"
-    )
-    start = time.monotonic()
-    while not ctx.join(timeout=1):
-        if time.monotonic() - start > deadline_s:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("distributed workers did not finish in time")
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     data = make_data()
     torch.save(data, tmp / "data.pt")
-    spawn_workers(tmp)
+    spawn(worker, tmp, preload=("torch", "swav_vissl_plugin", "reference_swav"), nprocs=WORLD, deadline_s=120)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return data, ranks
 

@@ -192,3 +192,116 @@ def test_run_all_report_keeps_other_sections(tmp_path):
     text = doc.read_text()
     assert "RESULTS-1" not in text and "RESULTS-2" in text and "theirs" in text
     assert text.count(run_all.BEGIN) == 1 and text.count(run_all.END) == 1
+
+
+# ------------------------------------------------- GPU training benchmark
+def _small_cnn_forward_flops(widths, crops, batch, head):
+    """Forward FLOPs (2 per multiply-add) of the plugin's small CNN trunk
+    (3x3 stem at full resolution, then per stage conv3x3 stride 2, conv3x3,
+    1x1 stride-2 shortcut) and the SwAV head, summed over the crops; and the
+    stem's share (no input gradient is computed for it)."""
+    w0, w1, w2 = widths
+    per_pixel = 2 * 3 * 9 * w0  # stem, at S x S
+    stages = [(w0, w0), (w0, w1), (w1, w2)]
+    trunk_per_s2 = 0.0
+    for i, (cin, cout) in enumerate(stages):
+        area = 1 / 4 ** (i + 1)  # (S / 2^(i+1))^2 / S^2
+        trunk_per_s2 += area * 2 * (cin * 9 * cout + cout * 9 * cout + cin * cout)
+    total, stem = 0.0, 0.0
+    for n, s in crops:
+        total += n * batch * (per_pixel + trunk_per_s2) * s * s
+        stem += n * batch * per_pixel * s * s
+    rows = batch * sum(n for n, _ in crops)
+    total += rows * 2 * (head["in_dim"] * head["hidden_mlp"] + head["hidden_mlp"] * head["feat_dim"]
+                         + head["feat_dim"] * head["nmb_prototypes"])
+    return total, stem
+
+
+def test_bench_gpu_train_tiny_cpu_variants_flops_and_projection(tmp_path):
+    import bench_gpu_train
+
+    out = tmp_path / "gpu_train.json"
+    bench_gpu_train.main(["--device", "cpu", "--tiny", "--workers", "1", "--json", str(out)])
+    res = _read(out)
+    s = res["settings"]
+    by = {(v["name"], v["data"]): v for v in res["variants"]}
+    # every precision x layout on synthetic crops, then the loader, then compile
+    for precision in ("fp16+GradScaler", "bf16", "fp32"):
+        for layout in ("channels_last", "NCHW"):
+            assert (f"{precision}/{layout}", "synthetic") in by
+    for v in res["variants"]:
+        assert v["status"] in ("measured", "skipped"), v
+        if v["status"] == "skipped":
+            assert len(v["reason"]) > 10, v
+            continue
+        assert v["images_per_s"] > 0 and v["median_s"] > 0 and v["iters"] == s["iters"]
+        assert abs(v["images_per_s"] - s["batch"] / v["median_s"]) < 1e-9 * v["images_per_s"]
+        assert v["loss_finite"] and all(math.isfinite(x) for x in v["losses"])
+        assert v["flops_per_iteration"] > 0 and v["mfu"] == "n/a"  # no peak for this CPU
+    measured = [v for v in res["variants"] if v["status"] == "measured"]
+    assert {v["precision"] for v in measured if v["data"] == "synthetic"} == {"bf16", "fp32"}
+    assert all("GPU" in by[(f"fp16+GradScaler/{lay}", "synthetic")]["reason"] for lay in ("channels_last", "NCHW"))
+    assert any(v["data"] == "pipeline" for v in measured)
+    assert all(v["status"] == "skipped" for v in res["variants"] if v["compile"])
+    assert res["pipeline_alone"]["images_per_s"] > 0
+
+    # FLOPs: forward + backward = 3 x forward, less the stem's input gradient
+    assert s["trunk"]["name"] == "swav_plugin_small_cnn"
+    fwd, stem = _small_cnn_forward_flops(s["trunk"]["widths"], list(zip(s["nmb_crops"], s["size_crops"])),
+                                         s["batch"], s["head"])
+    assert abs(res["flops_per_iteration"] - (3 * fwd - stem)) <= 0.01 * fwd
+
+    # projection: ImageNet's 1,281,167 images on 8 GPUs at the best end-to-end
+    # rate, against the release's 3 min 40 s per epoch on 64 V100 (model zoo)
+    best = max(v["images_per_s"] for v in measured if v["data"] == "pipeline")
+    pr = res["projection"]
+    epoch_s = 1281167 / (8 * best)
+    assert pr["images_per_s_per_gpu"] == best
+    assert abs(pr["epoch_s"] - epoch_s) < 1e-9 * epoch_s
+    assert abs(pr["ratio_to_seed"] - epoch_s / 220.0) < 1e-9
+    assert pr["meets_epoch_target"] == (epoch_s <= 110.0)
+    assert pr["meets_images_target"] == (best >= 1600)
+
+
+def test_gpu_bench_tiny_cpu_runs_every_step(tmp_path):
+    import gpu_bench
+
+    assert gpu_bench.main(["--device", "cpu", "--tiny", "--workers", "1", "--json-dir", str(tmp_path)]) == 0
+    summary = _read(tmp_path / "gpu_bench.json")
+    assert [(st["step"], st["status"]) for st in summary["steps"]] == [
+        ("train", "done"), ("loss", "done"), ("larc", "done"), ("scaling", "done")]
+    for name in ("train", "loss", "larc", "scaling"):
+        assert _read(tmp_path / f"gpu_{name}.json")["machine"]
+
+
+def test_bench_gpu_train_compile_child_is_stopped_at_its_cap():
+    import argparse
+    import time
+
+    import bench_gpu_train
+
+    args = argparse.Namespace(device="cpu", compile_backend="eager", warmup=1, iters=2, workers=0,
+                              prefetch_factor=2, tiny=True, batch=None, threads=None)
+    t0 = time.perf_counter()
+    entries = bench_gpu_train.run_compiled_child(args, "fp32", False, cap_s=2.0)
+    assert time.perf_counter() - t0 < 30
+    assert [(e["name"], e["data"], e["status"]) for e in entries] == [
+        ("fp32/NCHW/compile", "synthetic", "skipped"), ("fp32/NCHW/compile", "pipeline", "skipped")]
+    assert all("compile cap of 2 s" in e["reason"] for e in entries)
+
+
+@pytest.mark.slow
+def test_bench_gpu_train_tiny_cpu_compiled_trunk(tmp_path):
+    """The compiled variant's child process, end to end (dynamo with the
+    eager backend: no C++ build)."""
+    import bench_gpu_train
+
+    out = tmp_path / "gpu_train.json"
+    bench_gpu_train.main(["--device", "cpu", "--tiny", "--workers", "1", "--compile", "on",
+                          "--compile-backend", "eager", "--json", str(out)])
+    compiled = [v for v in _read(out)["variants"] if v["compile"]]
+    assert [v["data"] for v in compiled] == ["synthetic", "pipeline"]
+    for v in compiled:
+        assert v["status"] == "measured", v
+        assert v["images_per_s"] > 0 and v["loss_finite"]
+    assert compiled[0]["compile_s"] >= 0 and "compile_s" not in compiled[1]  # compiled once

@@ -172,6 +172,9 @@ def device_sync(device) -> Optional[Callable[[], None]]:
 
 
 def setup_torch(threads: int) -> None:
+    """``threads`` intra-op threads for torch and for NumPy's BLAS (OpenBLAS
+    otherwise starts one thread per core for the larger products, and its
+    threads' CPU time counts in the process's), one inter-op thread."""
     import torch
 
     torch.set_num_threads(max(1, threads))
@@ -179,6 +182,9 @@ def setup_torch(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(max(1, threads), user_api="blas")
 
 
 def write_json(path: Optional[str], result: dict) -> None:

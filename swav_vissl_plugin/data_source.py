@@ -66,7 +66,7 @@ phase).
 
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -169,13 +169,25 @@ def image_to_rgb(img: Image.Image) -> Image.Image:
     return to_rgb(img)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open, fully decode and convert one image file to RGB; raises on any
-    defect (PIL's ``UnidentifiedImageError`` for empty or non-image files,
-    ``OSError`` for truncated data, ...)."""
+def load_rgb(path: Union[str, BinaryIO]) -> Image.Image:
+    """Open, fully decode and convert one image file (a path, or an open
+    binary file) to RGB; raises on any defect (PIL's
+    ``UnidentifiedImageError`` for empty or non-image files, ``OSError`` for
+    truncated data, ...).
+
+    An RGB image is returned as decoded: torchvision's ``pil_loader``, which
+    VISSL's datasets and the release use, calls ``convert("RGB")``, which
+    for an RGB image is a copy of the whole image (0.4 ms of a 2 ms decode
+    of a 500x375 JPEG)."""
+    if not isinstance(path, str):
+        return _decode_rgb(path)
     with g_pathmgr.open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()  # decode here, while the file is open and inside the caller's try
+        return _decode_rgb(f)
+
+
+def _decode_rgb(f: BinaryIO) -> Image.Image:
+    img = Image.open(f)
+    img.load()  # decode here, while the file is open and inside the caller's try
     return image_to_rgb(img)
 
 

@@ -63,6 +63,7 @@ import ctypes
 import functools
 import math
 import numbers
+import os
 import struct
 import threading
 import time
@@ -1172,6 +1173,8 @@ class SwavPluginMultiCrop(ClassyTransform):
         return Image.fromarray(self.render(source, [p])[0])
 
     def __call__(self, image: Image.Image) -> List[torch.Tensor]:
+        if _BLAS_CHECKED_PID[0] != os.getpid():
+            _single_blas_thread_in_loader_worker()
         img = to_rgb(image)
         # The data source's per-sample stream (sample_seed.py), else torch's RNG.
         params = self.sample_params(*img.size, generator=sample_seed.take_generator())
@@ -1202,6 +1205,28 @@ class SwavPluginMultiCrop(ClassyTransform):
 # object is shared with DEFAULT_TRANSFORM_TYPES, so appending is enough.
 if TRANSFORM_NAME not in _vissl_wrapper._TRANSFORMS_WITH_COPIES:
     _vissl_wrapper._TRANSFORMS_WITH_COPIES.append(TRANSFORM_NAME)
+
+
+_BLAS_CHECKED_PID = [0]
+
+
+def _single_blas_thread_in_loader_worker() -> None:
+    """In a DataLoader worker process, limit NumPy's BLAS to one thread.
+
+    PyTorch sets its own intra-op threads to 1 in loader workers; NumPy's
+    OpenBLAS keeps one thread per core, and the transform's small products
+    (grey levels, hue indices) then wake threads that every worker on the
+    node starts, contending for the cores the other workers use. Checked
+    once per process (forked workers inherit the parent's flag, hence the
+    pid)."""
+    _BLAS_CHECKED_PID[0] = os.getpid()
+    if torch.utils.data.get_worker_info() is None:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn's dependency; without it nothing changes
+        return
+    threadpool_limits(1, user_api="blas")
 
 
 # ------------------------------------------------------------------ collator

@@ -109,6 +109,23 @@ def test_every_readable_kind_loads_as_the_rgb_a_viewer_shows(bad_folder):
         assert np.abs(got - want).max() <= tol, (name, got[:4].tolist(), want[:4].tolist())
 
 
+def test_open_file_loads_like_its_path_and_rgb_is_not_copied(bad_folder):
+    import io
+
+    from swav_vissl_plugin.data_source import image_to_rgb, load_rgb
+
+    root, expected = bad_folder
+    for name in expected:
+        path = root / "all" / name
+        if not isinstance(expected[name], list):
+            continue
+        with open(path, "rb") as f:
+            from_file = load_rgb(io.BytesIO(f.read()))
+        assert from_file.mode == "RGB" and from_file.tobytes() == load_rgb(str(path)).tobytes(), name
+    rgb = Image.new("RGB", (3, 2), (1, 2, 3))
+    assert image_to_rgb(rgb) is rgb  # no convert("RGB") copy
+
+
 def test_alpha_is_composited_not_dropped():
     """A fully transparent pixel shows white, whatever colour is stored under it."""
     from swav_vissl_plugin.data_source import image_to_rgb

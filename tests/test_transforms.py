@@ -869,3 +869,33 @@ def test_defaults_are_recipe_values():
     assert tr.ratio == pytest.approx((3 / 4, 4 / 3))
     assert tr.mean == RECIPE_MEAN and tr.std == RECIPE_STD
     assert tr.normalize is True
+
+
+class _BlasThreadsAfterTransform(torch.utils.data.Dataset):
+    """Applies the transform, then reports NumPy's BLAS thread counts."""
+
+    def __init__(self, tr, img):
+        self.tr, self.img = tr, img
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from threadpoolctl import threadpool_info
+
+        self.tr(self.img)
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+
+def test_loader_workers_run_numpy_blas_on_one_thread_main_process_untouched():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    tr = make(nmb_crops=[1, 1], size_crops=[32, 16])
+    img = natural_photo(60, 70)
+    with threadpool_limits(2, user_api="blas"):  # as on a 2-core machine, whatever this one has
+        ds = _BlasThreadsAfterTransform(tr, img)
+        assert ds[0] and set(ds[0]) == {2}  # main process: unchanged
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                             multiprocessing_context="fork")
+        assert [set(t) for t in loader] == [{1}, {1}]  # in the worker: one thread
+        assert {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"} == {2}

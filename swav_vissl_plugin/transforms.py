@@ -369,10 +369,12 @@ class _Workspace:
         return self._resized[channels]
 
     def blur_tmp(self, crops: int) -> torch.Tensor:
-        """A float32 work buffer for the blur of ``crops`` crops."""
+        """A float32 work buffer for the blur of ``crops`` crops, with
+        :data:`_BLUR_MARGIN` rows of zeros before and after it (the blur's
+        windows read them, with weight zero)."""
         n = crops * 3 * self.P
         if self._blur_tmp.numel() < n:
-            self._blur_tmp = torch.empty(n)
+            self._blur_tmp = _with_margins(n, _BLUR_MARGIN * self.size)
         return self._blur_tmp
 
     def hue_views(self, P: int) -> tuple:
@@ -413,6 +415,15 @@ def _box_buffer(numel: int) -> Tuple[torch.Tensor, np.ndarray]:
         t = torch.empty(numel, dtype=torch.uint8)
         buf = _TLS.box = (t, t.numpy())
     return buf
+
+
+def _with_margins(numel: int, margin: int) -> torch.Tensor:
+    """A float32 tensor of ``numel`` elements preceded and followed, in its
+    storage, by ``margin`` zeros (see :func:`_blur_`)."""
+    flat = torch.empty(numel + 2 * margin)
+    flat[:margin].zero_()
+    flat[margin + numel :].zero_()
+    return flat[margin : margin + numel]
 
 
 def _luma(X: np.ndarray, ws: _Workspace) -> np.ndarray:
@@ -718,7 +729,67 @@ def _banded(S: int, r: int) -> bool:
     return S > 128 and S % _BLUR_BLOCK == 0 and 6 * (r + 1) <= _BLUR_BLOCK
 
 
-def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor) -> None:
+@functools.lru_cache(maxsize=None)
+def _window_basis(S: int, r: int, blk: int, h: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The basis of :func:`_blur_basis` cut into ``nb = S / blk`` blocks of
+    ``blk`` outputs whose windows all start ``h`` samples before the block
+    (``h >= 3 (r + 1)``, the band's half-width; ``W = blk + 2 h``), also at
+    the line's ends, where the samples outside the line get weight zero:
+    ``(4, nb * blk * W)`` as its :func:`_nonzeros`. With the same start for
+    every block, the windows of all blocks, rows, channels and crops are one
+    strided view, so that a pass is one batched product."""
+    W, nb = blk + 2 * h, S // blk
+    full = _blur_basis(S, r).reshape(4, S, S)
+    rows = np.arange(S).reshape(nb, blk, 1)
+    cols = (np.arange(nb) * blk - h).reshape(nb, 1, 1) + np.arange(W).reshape(1, 1, W)
+    inside = (cols >= 0) & (cols < S)
+    blocks = np.where(inside, full[:, rows, np.clip(cols, 0, S - 1)], 0.0)  # (4, nb, blk, W)
+    # every non-zero of the operator lies in its block's window
+    assert np.array_equal(blocks.sum(3), full.sum(2).reshape(4, nb, blk))
+    return _nonzeros(blocks.reshape(4, -1))
+
+
+# Zeros kept before and after the render buffers and the blur's work buffer,
+# in rows of the crop: the windows of the blocks at the ends of a line or of
+# a channel reach up to h <= 6 samples (rows, for the vertical pass) outside
+# it (radius <= 2.3 gives r <= 1, h = 3 (r + 1) <= 6).
+_BLUR_MARGIN = 6
+
+
+def _blur_windows_(x: torch.Tensor, boxes: Sequence[Tuple[int, int, int]], tmp: torch.Tensor, h: int) -> None:
+    """The banded blur of :func:`_blur_` with windows starting ``h``
+    samples before every block (:func:`_window_basis`), for contiguous
+    crops ``x`` and ``tmp`` with at least ``h`` finite rows before and after
+    them in their storage: along the width one batched product per crop
+    (its operator), along the height one for all crops, channels and
+    blocks."""
+    m, C, S, _ = x.shape
+    blk = _BLUR_BLOCK
+    W, nb = blk + 2 * h, S // blk
+    ops = []
+    for j, box in enumerate(boxes):
+        nz, vals = _window_basis(S, box[0], blk, h)
+        M = np.zeros(nb * blk * W, np.float32)
+        M[nz] = np.dot(_blur_coefficients(box), vals)
+        M = torch.from_numpy(M).view(nb, blk, W)
+        xj, tj = x[j], tmp[j]
+        win = xj.as_strided((nb, C * S, W), (blk, S, 1), xj.storage_offset() - h)
+        out = tj.as_strided((nb, C * S, blk), (blk, S, 1), tj.storage_offset())
+        torch.bmm(win, M.transpose(1, 2), out=out)  # along the width
+        ops.append(M.unsqueeze(0).expand(C, -1, -1, -1))
+    # along the height: a crop's stride (C S S) is C nb times a block's (blk S)
+    win = tmp.as_strided((m * C * nb, W, S), (blk * S, S, 1), tmp.storage_offset() - h * S)
+    torch.bmm(torch.cat(ops).reshape(m * C * nb, blk, W), win, out=x.view(m * C * nb, blk, S))
+    x.round_()
+
+
+def _has_margins(t: torch.Tensor, margin: int) -> bool:
+    return t.is_contiguous() and t.storage_offset() >= margin and (
+        t.untyped_storage().nbytes() // t.element_size() - t.storage_offset() - t.numel() >= margin
+    )
+
+
+def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor, margins: bool = False) -> None:
     """Blur the crops ``x`` (``(m, C, S, S)`` float32 levels, each crop's
     channels contiguous) in place, crop ``j`` with PIL's
     ``GaussianBlur(radii[j])`` (see the section comment): ``P x P^T`` per
@@ -735,9 +806,25 @@ def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor) -> None:
     with its block of the operator, the blocks between the two edge blocks in
     one batched product that reads the overlapping windows in place (at 224,
     44 instead of 224 multiply-adds per output and axis): along the width on
-    the rows of all channels at once, along the height per channel."""
+    the rows of all channels at once, along the height per channel.
+
+    ``margins``: the caller's promise that ``_BLUR_MARGIN`` rows of finite
+    values (zeros, other crops) lie before and after ``x`` and ``tmp`` in
+    their storage (the render buffers and :meth:`_Workspace.blur_tmp`).
+    Then, for sizes that are multiples of 32 from 64 on and radii up to
+    2.3, every block's window starts ``h`` samples before it, reaching
+    outside the crop at its ends with weight zero (:func:`_blur_windows_`):
+    one batched product along the width per crop, one along the height for
+    all crops (at 224 a quarter faster than the blocks above, at 96 as fast
+    as the dense products, and fewer calls)."""
     m, C, S, _ = x.shape
     boxes = [_pil_box_weights(rad) for rad in radii]
+    h = 3 * (max(box[0] for box in boxes) + 1)
+    if margins and S >= 64 and S % _BLUR_BLOCK == 0 and h <= _BLUR_MARGIN:
+        t = tmp[: m * C * S * S].view(m, C, S, S)
+        if _has_margins(x, h * S) and _has_margins(t, h * S):
+            _blur_windows_(x, boxes, t, h)
+            return
     banded = [_banded(S, box[0]) for box in boxes]
     dense = [j for j in range(m) if not banded[j]]
     if dense:
@@ -1118,7 +1205,8 @@ class SwavPluginMultiCrop(ClassyTransform):
             colour = [k for k in range(a, b) if params[k].blur_radius is not None and not params[k].grayscale]
             grey = [k for k in range(a, b) if params[k].blur_radius is not None and params[k].grayscale]
             slots = colour + grey + [k for k in range(a, b) if params[k].blur_radius is None]
-            x = torch.empty((b - a, 3, size, size))
+            # zeros around the buffer: read, with weight zero, by the blur
+            x = _with_margins((b - a) * 3 * size * size, _BLUR_MARGIN * size).view(b - a, 3, size, size)
             xn = x.numpy()
             clock.start()
             for i, k in enumerate(slots):
@@ -1143,7 +1231,7 @@ class SwavPluginMultiCrop(ClassyTransform):
                 clock.start()
                 tmp = ws.blur_tmp(len(colour) + len(grey))
                 if colour:
-                    _blur_(x[: len(colour)], [params[k].blur_radius for k in colour], tmp)
+                    _blur_(x[: len(colour)], [params[k].blur_radius for k in colour], tmp, margins=True)
                 if grey:  # three equal channels: blur one, copy it
                     g = x[len(colour) : len(colour) + len(grey)]
                     _blur_(g[:, :1], [params[k].blur_radius for k in grey], tmp)

@@ -664,6 +664,40 @@ def test_blurred_batch_equals_crops_blurred_one_by_one():
             assert torch.equal(grey[k, 0], batch[k, 0]), (size, radii[k])
 
 
+def test_blur_windows_over_zero_margins_equal_the_block_products():
+    """Render buffers carry zeros around them; there the blur's windows all
+    start h samples before their block (one batched product per pass) and
+    read the margins with weight zero: the same levels as the clipped
+    windows and dense products without margins (the same sums; a level
+    may move by one where a sum's rounding order decides a tie)."""
+    for size, radii in ((224, [0.7]), (224, [1.8, 0.4]), (96, [0.3, 1.9, 1.2]), (64, [1.0, 2.0])):
+        m = len(radii)
+        x = torch.from_numpy(np.stack([
+            planar(natural_photo(size, size, top=10 * k, left=20 * k)).reshape(3, size, size)
+            for k in range(m)]))
+        plain = x.clone()
+        T._blur_(plain, radii, torch.empty(m * 3 * size * size))
+        margin = T._BLUR_MARGIN * size
+        padded = T._with_margins(m * 3 * size * size, margin).view(m, 3, size, size)
+        padded.copy_(x)
+        tmp = T._workspace(size).blur_tmp(m)
+        assert T._has_margins(padded, margin) and T._has_margins(tmp[: padded.numel()], margin)
+        T._blur_(padded, radii, tmp, margins=True)
+        diff = (padded - plain).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (size, radii)
+        # the window path was taken: it reads the margins, so garbage there shows
+        flat = padded.view(-1)
+        base = flat.untyped_storage()
+        bad = torch.empty(0).set_(base, 0, (flat.storage_offset(),))  # the margin before
+        bad.fill_(float("nan"))
+        again = T._with_margins(m * 3 * size * size, margin)  # fresh, zero margins
+        again.copy_(x.reshape(-1))
+        T._blur_(padded.copy_(x), radii, tmp, margins=True)
+        assert torch.isnan(padded).any(), "window path not taken"
+        T._blur_(again.view(m, 3, size, size), radii, tmp, margins=True)
+        assert not torch.isnan(again).any()
+
+
 def test_grey_blurred_crops_render_like_pil():
     img = natural_photo(96, 96, top=30, left=30)
     tr = full_image(1, 96)

@@ -1131,26 +1131,21 @@ class SwavPluginMultiCrop(ClassyTransform):
         r0, r1 = self.blur_radius
         radius = r0 + (r1 - r0) * u[:, _C_RADIUS]
 
-        params = []
-        for k in range(n):
-            jitter = None
-            if jit[k]:
-                b, c, s, hue = factors[k].tolist()
-                jitter = JitterParams(tuple(order[k].tolist()), b, c, s, hue)
-            params.append(
-                CropParams(
-                    size=int(self._crop_size[k]),
-                    top=int(top[k]),
-                    left=int(left[k]),
-                    height=int(ch[k]),
-                    width=int(cw[k]),
-                    flip=bool(flip[k]),
-                    jitter=jitter,
-                    grayscale=bool(gray[k]),
-                    blur_radius=float(radius[k]) if blur[k] else None,
-                )
+        # Python values once per array (a NumPy scalar per field and crop
+        # costs more than the whole vectorised draw)
+        jits, facs, orders, radii = jit.tolist(), factors.tolist(), order.tolist(), radius.tolist()
+        blurs = blur.tolist()
+        return [
+            CropParams(
+                size, t, l, hh, ww, f,
+                JitterParams(tuple(orders[k]), *facs[k]) if jits[k] else None,
+                g, radii[k] if blurs[k] else None,
             )
-        return params
+            for k, (size, t, l, hh, ww, f, g) in enumerate(zip(
+                self._crop_size.tolist(), top.tolist(), left.tolist(), ch.tolist(), cw.tolist(),
+                flip.tolist(), gray.tolist(),
+            ))
+        ]
 
     def _fallback_box(self, W: int, H: int) -> Tuple[int, int]:
         # torchvision's central-crop fallback after 10 failed attempts.

@@ -821,8 +821,13 @@ def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor, margins: 
     boxes = [_pil_box_weights(rad) for rad in radii]
     h = 3 * (max(box[0] for box in boxes) + 1)
     if margins and S >= 64 and S % _BLUR_BLOCK == 0 and h <= _BLUR_MARGIN:
-        t = tmp[: m * C * S * S].view(m, C, S, S)
+        n = m * C * S * S
+        t = tmp[:n].view(m, C, S, S)
         if _has_margins(x, h * S) and _has_margins(t, h * S):
+            # after the crops' part of a larger work buffer lies whatever it
+            # held (never written: any bits): zeros, since weight zero times
+            # a NaN would be NaN
+            tmp[n : n + h * S].zero_()
             _blur_windows_(x, boxes, t, h)
             return
     banded = [_banded(S, box[0]) for box in boxes]

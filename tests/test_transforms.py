@@ -698,6 +698,24 @@ def test_blur_windows_over_zero_margins_equal_the_block_products():
         assert not torch.isnan(again).any()
 
 
+def test_blur_windows_ignore_what_a_larger_work_buffer_held():
+    """The work buffer is kept per crop size and sized for the most crops
+    blurred so far: past the crops of a smaller batch it holds whatever it
+    held, read (with weight zero) by the last windows."""
+    size = 96
+    ws = T._workspace(size)
+    tmp = ws.blur_tmp(4)
+    tmp.fill_(float("nan"))  # any bits: never written there
+    x = torch.from_numpy(planar(natural_photo(size, size)).reshape(1, 3, size, size))
+    plain = x.clone()
+    T._blur_(plain, [1.5], torch.empty(3 * size * size))
+    padded = T._with_margins(3 * size * size, T._BLUR_MARGIN * size).view(1, 3, size, size)
+    padded.copy_(x)
+    T._blur_(padded, [1.5], ws.blur_tmp(1), margins=True)
+    assert not torch.isnan(padded).any()
+    assert (padded - plain).abs().max() <= 1
+
+
 def test_grey_blurred_crops_render_like_pil():
     img = natural_photo(96, 96, top=30, left=30)
     tr = full_image(1, 96)

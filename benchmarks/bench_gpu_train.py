@@ -381,22 +381,16 @@ def measure_loader(setup: Setup, workers: int, prefetch_factor: int, batches: in
 
 
 # ------------------------------------------------------------------ timing
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_iterations(trainer: Trainer, next_batch, warmup: int, iters: int) -> dict:
     times, waits, losses = [], [], []
     first = None
+    sync = C.device_sync(trainer.device) or (lambda: None)
     for i in range(warmup + iters):
         t0 = time.perf_counter()
         crops = next_batch()
         t1 = time.perf_counter()
         loss = trainer.step(crops)
-        _sync(trainer.device)
+        sync()
         t2 = time.perf_counter()
         losses.append(loss)
         if first is None:

@@ -46,8 +46,9 @@ faster:
   shift);
 * the Gaussian blur is PIL's six box passes composed into one linear
   operator per axis (four coefficients times a cached integer basis),
-  applied as batched dense products to all blurred crops of a size, or
-  banded products per crop above 128 pixels, rounded once; grey crops are
+  applied as banded products (one batched product per pass, the render
+  buffers' zero margins read at the crops' ends) for sizes that are
+  multiples of 32, else as dense ones, rounded once; grey crops are
   blurred on one channel;
 * ToTensor + Normalize is one fused ``x * 1/(255 std) - mean/std`` in place
   over all crops of the same size.
@@ -704,32 +705,6 @@ def _blur_matrix(S: int, box: Tuple[int, int, int]) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _band_basis(S: int, r: int, blk: int) -> Tuple[Tuple[np.ndarray, np.ndarray], int]:
-    """The basis of :func:`_blur_basis` cut into the blocks of a banded
-    product, ``(nb, blk, W)`` blocks flattened (``nb = S / blk``, ``W = blk +
-    2 h``, ``h = 3 (r + 1)`` the half-width of the band; block ``b`` maps the
-    input samples ``s_b .. s_b + W - 1``, ``s_b = clip(b blk - h, 0, S -
-    W)``, to the outputs ``b blk .. b blk + blk - 1``), as its
-    :func:`_nonzeros`; and ``h``."""
-    h = 3 * (r + 1)
-    W, nb = blk + 2 * h, S // blk
-    full = _blur_basis(S, r).reshape(4, S, S)
-    starts = [min(max(b * blk - h, 0), S - W) for b in range(nb)]
-    blocks = np.stack(
-        [full[:, b * blk : (b + 1) * blk, s : s + W] for b, s in enumerate(starts)], 1
-    )
-    # every non-zero of the operator lies in its block's window
-    assert np.array_equal(blocks.sum(3), full.sum(2).reshape(4, nb, blk))
-    return _nonzeros(blocks.reshape(4, -1)), h
-
-
-def _banded(S: int, r: int) -> bool:
-    # blocks need S a multiple of the block and a band narrower than it;
-    # up to 128 samples the dense product is as fast
-    return S > 128 and S % _BLUR_BLOCK == 0 and 6 * (r + 1) <= _BLUR_BLOCK
-
-
-@functools.lru_cache(maxsize=None)
 def _window_basis(S: int, r: int, blk: int, h: int) -> Tuple[np.ndarray, np.ndarray]:
     """The basis of :func:`_blur_basis` cut into ``nb = S / blk`` blocks of
     ``blk`` outputs whose windows all start ``h`` samples before the block
@@ -751,18 +726,20 @@ def _window_basis(S: int, r: int, blk: int, h: int) -> Tuple[np.ndarray, np.ndar
 
 # Zeros kept before and after the render buffers and the blur's work buffer,
 # in rows of the crop: the windows of the blocks at the ends of a line or of
-# a channel reach up to h <= 6 samples (rows, for the vertical pass) outside
-# it (radius <= 2.3 gives r <= 1, h = 3 (r + 1) <= 6).
-_BLUR_MARGIN = 6
+# a channel reach h = 3 (r + 1) samples (rows, for the vertical pass) outside
+# it, and the banded products take bands up to half a block (h <= 16; the
+# recipe's radii, up to 2, give r <= 1, h <= 6).
+_BLUR_MARGIN = _BLUR_BLOCK // 2
 
 
 def _blur_windows_(x: torch.Tensor, boxes: Sequence[Tuple[int, int, int]], tmp: torch.Tensor, h: int) -> None:
     """The banded blur of :func:`_blur_` with windows starting ``h``
-    samples before every block (:func:`_window_basis`), for contiguous
-    crops ``x`` and ``tmp`` with at least ``h`` finite rows before and after
-    them in their storage: along the width one batched product per crop
-    (its operator), along the height one for all crops, channels and
-    blocks."""
+    samples before every block (:func:`_window_basis`), for crops ``x``
+    (each contiguous) and ``tmp`` (contiguous) with at least ``h`` finite
+    rows before and after them in their storage: along the width one batched
+    product per crop (its operator), along the height one for all crops,
+    channels and blocks (one per crop where the crops of ``x`` are apart,
+    e.g. the first channel of grey crops)."""
     m, C, S, _ = x.shape
     blk = _BLUR_BLOCK
     W, nb = blk + 2 * h, S // blk
@@ -779,14 +756,23 @@ def _blur_windows_(x: torch.Tensor, boxes: Sequence[Tuple[int, int, int]], tmp: 
         ops.append(M.unsqueeze(0).expand(C, -1, -1, -1))
     # along the height: a crop's stride (C S S) is C nb times a block's (blk S)
     win = tmp.as_strided((m * C * nb, W, S), (blk * S, S, 1), tmp.storage_offset() - h * S)
-    torch.bmm(torch.cat(ops).reshape(m * C * nb, blk, W), win, out=x.view(m * C * nb, blk, S))
+    if x.is_contiguous():
+        torch.bmm(torch.cat(ops).reshape(m * C * nb, blk, W), win, out=x.view(m * C * nb, blk, S))
+    else:
+        for j in range(m):
+            torch.bmm(ops[j].reshape(C * nb, blk, W), win[j * C * nb : (j + 1) * C * nb],
+                      out=x[j].view(C * nb, blk, S))
     x.round_()
 
 
 def _has_margins(t: torch.Tensor, margin: int) -> bool:
-    return t.is_contiguous() and t.storage_offset() >= margin and (
-        t.untyped_storage().nbytes() // t.element_size() - t.storage_offset() - t.numel() >= margin
-    )
+    """Whether each crop of ``t`` (``(m, C, S, S)``) is contiguous and
+    ``margin`` elements of its storage lie before the first and after the
+    last."""
+    if not all(c.is_contiguous() for c in t):
+        return False
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.storage_offset() >= margin and t.untyped_storage().nbytes() // t.element_size() - last - 1 >= margin
 
 
 def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor, margins: bool = False) -> None:
@@ -797,30 +783,22 @@ def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor, margins: 
     practically never hit, to even); ``tmp``: a contiguous work buffer of at
     least ``m * C * S * S`` floats.
 
-    Dense operators (up to 128 samples): one batched product along the
-    width on the ``(C S, S)`` rows of every crop, one along the height on
-    every channel, for all crops at once (operators built on their band
-    only). Banded (above, with ``S`` a
-    multiple of 32 and a band narrower than 32): per crop, each block of 32
-    outputs is the product of a ``(32 + 2 h)``-sample window of the input
-    with its block of the operator, the blocks between the two edge blocks in
-    one batched product that reads the overlapping windows in place (at 224,
-    44 instead of 224 multiply-adds per output and axis): along the width on
-    the rows of all channels at once, along the height per channel.
-
-    ``margins``: the caller's promise that ``_BLUR_MARGIN`` rows of finite
-    values (zeros, other crops) lie before and after ``x`` and ``tmp`` in
-    their storage (the render buffers and :meth:`_Workspace.blur_tmp`).
-    Then, for sizes that are multiples of 32 from 64 on and radii up to
-    2.3, every block's window starts ``h`` samples before it, reaching
-    outside the crop at its ends with weight zero (:func:`_blur_windows_`):
-    one batched product along the width per crop, one along the height for
-    all crops (at 224 a quarter faster than the blocks above, at 96 as fast
-    as the dense products, and fewer calls)."""
+    Banded, where ``margins`` is the caller's promise that
+    :data:`_BLUR_MARGIN` rows of finite values (zeros, other crops) lie
+    before and after ``x`` and ``tmp`` in their storage (the render buffers
+    and :meth:`_Workspace.blur_tmp`), for sizes that are multiples of 32
+    from 64 on and bands up to half a block (the recipe's radii):
+    :func:`_blur_windows_`, each block of 32 outputs the product of the
+    ``(32 + 2 h)`` samples from ``h`` before it with its block of the
+    operator (at 224, 44 instead of 224 multiply-adds per output and axis),
+    one batched product per pass. Otherwise dense: one batched product
+    along the width on the ``(C S, S)`` rows of every crop, one along the
+    height on every channel, for all crops at once (operators built on
+    their band only)."""
     m, C, S, _ = x.shape
     boxes = [_pil_box_weights(rad) for rad in radii]
     h = 3 * (max(box[0] for box in boxes) + 1)
-    if margins and S >= 64 and S % _BLUR_BLOCK == 0 and h <= _BLUR_MARGIN:
+    if margins and S >= 64 and S % _BLUR_BLOCK == 0 and 2 * h <= _BLUR_BLOCK:
         n = m * C * S * S
         t = tmp[:n].view(m, C, S, S)
         if _has_margins(x, h * S) and _has_margins(t, h * S):
@@ -830,44 +808,13 @@ def _blur_(x: torch.Tensor, radii: Sequence[float], tmp: torch.Tensor, margins: 
             tmp[n : n + h * S].zero_()
             _blur_windows_(x, boxes, t, h)
             return
-    banded = [_banded(S, box[0]) for box in boxes]
-    dense = [j for j in range(m) if not banded[j]]
-    if dense:
-        n = len(dense)
-        xd = x if n == m else x[torch.tensor(dense)]
-        P = np.zeros((n, S * S), np.float32)
-        _blur_matrices_into(P, S, [boxes[j] for j in dense])
-        Pt = torch.from_numpy(P).view(n, S, S)
-        t = tmp[: n * C * S * S].view(n, C, S, S)
-        torch.bmm(xd.view(n, C * S, S), Pt.transpose(1, 2), out=t.view(n, C * S, S))  # width
-        torch.matmul(Pt.unsqueeze(1), t, out=xd)  # height, every channel
-        xd.round_()
-        if n < m:
-            x[torch.tensor(dense)] = xd
-    blk = _BLUR_BLOCK
-    for j in range(m):
-        if not banded[j]:
-            continue
-        (nz, vals), h = _band_basis(S, boxes[j][0], blk)
-        W, nb = blk + 2 * h, S // blk
-        M = np.zeros(nb * blk * W, np.float32)
-        M[nz] = np.dot(_blur_coefficients(boxes[j]), vals)
-        M = torch.from_numpy(M).view(nb, blk, W)
-        xj = x[j]
-        xf, tf = xj.view(C * S, S), tmp[: C * S * S].view(C * S, S)
-        # along width: first block, the nb - 2 middle ones at once, last block
-        torch.mm(xf[:, :W], M[0].t(), out=tf[:, :blk])
-        win = xf.as_strided((nb - 2, C * S, W), (blk, S, 1), xf.storage_offset() + blk - h)
-        out = tf.as_strided((nb - 2, C * S, blk), (blk, S, 1), tf.storage_offset() + blk)
-        torch.bmm(win, M[1:-1].transpose(1, 2), out=out)
-        torch.mm(xf[:, S - W :], M[-1].t(), out=tf[:, S - blk :])
-        for c in range(C):  # along height
-            tc, xc = tf[c * S : (c + 1) * S], xj[c]
-            torch.mm(M[0], tc[:W], out=xc[:blk])
-            win = tc.as_strided((nb - 2, W, S), (blk * S, S, 1), tc.storage_offset() + (blk - h) * S)
-            torch.bmm(M[1:-1], win, out=xc[blk : S - blk].view(nb - 2, blk, S))
-            torch.mm(M[-1], tc[S - W :], out=xc[S - blk :])
-        xj.round_()
+    P = np.zeros((m, S * S), np.float32)
+    _blur_matrices_into(P, S, boxes)
+    Pt = torch.from_numpy(P).view(m, S, S)
+    t = tmp[: m * C * S * S].view(m, C, S, S)
+    torch.bmm(x.view(m, C * S, S), Pt.transpose(1, 2), out=t.view(m, C * S, S))  # width
+    torch.matmul(Pt.unsqueeze(1), t, out=x)  # height, every channel
+    x.round_()
 
 
 def _fail(msg: str) -> None:
@@ -1234,7 +1181,7 @@ class SwavPluginMultiCrop(ClassyTransform):
                     _blur_(x[: len(colour)], [params[k].blur_radius for k in colour], tmp, margins=True)
                 if grey:  # three equal channels: blur one, copy it
                     g = x[len(colour) : len(colour) + len(grey)]
-                    _blur_(g[:, :1], [params[k].blur_radius for k in grey], tmp)
+                    _blur_(g[:, :1], [params[k].blur_radius for k in grey], tmp, margins=True)
                     g[:, 1:].copy_(g[:, :1].expand(-1, 2, -1, -1))
                 clock.stop("blur")
             for k, crop in zip(slots, x.unbind(0)):

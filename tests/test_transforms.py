@@ -583,7 +583,7 @@ def test_hue_shift_bit_exact_with_torchvision_for_every_shift():
 BLUR_MAX_DIFF, BLUR_MEAN_DIFF_PHOTO, BLUR_MEAN_DIFF_NOISE = 3, 0.6, 1.1
 
 
-@pytest.mark.parametrize("size", [3, 14, 96, 224])  # dense, dense, dense, banded products
+@pytest.mark.parametrize("size", [3, 14, 96, 224])  # dense, dense, then windowed products (rendered with margins)
 def test_blur_close_to_pil_gaussian_blur(size):
     photo = natural_photo(size, size, top=40, left=60)
     noise = rgb_noise(size, size, seed=size)
@@ -644,9 +644,8 @@ def test_box_weights_follow_pillows_float32_arithmetic():
 
 
 def test_blurred_batch_equals_crops_blurred_one_by_one():
-    """The batched blur (dense products for all crops of a size, banded ones
-    per crop, a dense crop among banded ones, grey crops on one channel)
-    gives each crop exactly what blurring it alone gives."""
+    """The batched dense blur (all crops of a size at once, grey crops on
+    one channel) gives each crop exactly what blurring it alone gives."""
     for size, radii in ((96, [0.3, 1.9, 1.2]), (224, [0.7, 9.0, 1.6])):  # 224: banded, 9.0: dense
         x = torch.from_numpy(np.stack([
             planar(natural_photo(size, size, top=10 * k, left=20 * k)).reshape(3, size, size)
@@ -696,6 +695,14 @@ def test_blur_windows_over_zero_margins_equal_the_block_products():
         assert torch.isnan(padded).any(), "window path not taken"
         T._blur_(again.view(m, 3, size, size), radii, tmp, margins=True)
         assert not torch.isnan(again).any()
+        # grey crops: the first channel of each crop, the crops apart in the buffer
+        grey = T._with_margins(m * 3 * size * size, margin).view(m, 3, size, size)
+        grey.copy_(x[:, :1].expand(-1, 3, -1, -1))
+        grey_plain = grey[:, :1].clone()
+        T._blur_(grey_plain, radii, torch.empty(m * size * size))
+        T._blur_(grey[:, :1], radii, tmp, margins=True)
+        diff = (grey[:, :1] - grey_plain).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (size, radii, "grey")
 
 
 def test_blur_windows_ignore_what_a_larger_work_buffer_held():

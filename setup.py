@@ -49,6 +49,7 @@ setup(
         "fvcore",
         "iopath",
         "submitit",
+        "numba",
         "setuptools<81",
     ],
     cmdclass={"build_py": BuildPy},

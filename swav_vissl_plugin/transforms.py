@@ -38,12 +38,14 @@ faster:
 * every crop then lives in one float32 buffer of 8-bit levels per crop size,
   from the resize to the normalised output (no PIL images, no 8-bit round
   trips): brightness, contrast, saturation and grayscale are PIL's blends
-  and ``convert("L")`` written as the same float32 operations (the clipping
-  skipped where a blend factor <= 1 cannot leave [0, 255]); the hue shift
-  is PIL's HSV round trip in closed form (hue byte from PIL's own table,
-  exact rational arithmetic for the rest, the hue ramp as one absolute value
-  per channel, equal to torchvision's ``adjust_hue`` for every colour and
-  shift);
+  and ``convert("L")`` written as the same float32 operations; the hue shift
+  is PIL's HSV round trip in closed form (PIL's hue byte, exact rational
+  arithmetic for the rest, the hue ramp as one absolute value per channel,
+  equal to torchvision's ``adjust_hue`` for every colour and shift). They
+  run as compiled loops, one call per crop and one pass per adjustment
+  (:mod:`swav_vissl_plugin.colour_kernel`, Numba), else as the NumPy
+  operations of this module, which compute the same levels
+  (``SWAV_PLUGIN_COLOUR_KERNEL=numpy`` selects them);
 * the Gaussian blur is PIL's six box passes composed into one linear
   operator per axis (four coefficients times a cached integer basis),
   applied as banded products (one batched product per pass, the render
@@ -91,6 +93,8 @@ __all__ = [
     "SwavPluginMultiCrop",
     "swav_plugin_multicrop_collator",
     "to_rgb",
+    "COLOUR_KERNEL_ENV",
+    "colour_kernel_backend",
 ]
 
 TRANSFORM_NAME = "SwavPluginMultiCrop"
@@ -565,6 +569,55 @@ def _hue_(X: np.ndarray, shift: int, ws: _Workspace) -> None:
 
 
 _JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
+_NO_ORDER = np.zeros(0, np.int64)  # grayscale only, in the compiled kernel
+_NO_FACTORS = np.ones(3, np.float32)
+
+COLOUR_KERNEL_ENV = "SWAV_PLUGIN_COLOUR_KERNEL"
+_COLOUR_KERNEL: list = []  # [the compiled function or None, why None]
+_COLOUR_KERNEL_LOCK = threading.Lock()
+
+
+def _colour_kernel_choice() -> str:
+    """``SWAV_PLUGIN_COLOUR_KERNEL`` checked: "numba", "numpy" or "" (unset)."""
+    choice = os.environ.get(COLOUR_KERNEL_ENV, "").strip().lower()
+    if choice not in ("", "numba", "numpy"):
+        raise ValueError(
+            f"environment variable {COLOUR_KERNEL_ENV}={os.environ[COLOUR_KERNEL_ENV]!r}: "
+            "expected 'numba', 'numpy' or unset"
+        )
+    return choice
+
+
+def _colour_kernel():
+    """The compiled colour kernel (``colour_kernel.colour_crop_``), or None
+    for the NumPy operations: the environment's ``SWAV_PLUGIN_COLOUR_KERNEL``
+    (``numba``: required, ``numpy``: off, unset: Numba if importable),
+    decided once per process (:func:`colour_kernel_backend` says which)."""
+    if not _COLOUR_KERNEL:
+        with _COLOUR_KERNEL_LOCK:
+            if not _COLOUR_KERNEL:
+                choice = _colour_kernel_choice()
+                if choice == "numpy":
+                    _COLOUR_KERNEL[:] = [None, f"{COLOUR_KERNEL_ENV}=numpy"]
+                else:
+                    try:
+                        from swav_vissl_plugin.colour_kernel import colour_crop_
+                    except ImportError as e:
+                        if choice == "numba":
+                            raise ImportError(f"{COLOUR_KERNEL_ENV}=numba, but Numba cannot be imported: {e}") from e
+                        colour_crop_, why = None, f"Numba cannot be imported ({e})"
+                        warnings.warn(f"{TRANSFORM_NAME}: {why}; the colour jitter runs as NumPy operations (slower)")
+                    else:
+                        why = ""
+                    _COLOUR_KERNEL[:] = [colour_crop_, why]
+    return _COLOUR_KERNEL[0]
+
+
+def colour_kernel_backend() -> str:
+    """``"numba"`` or ``"numpy (<why>)"``: how this process computes the
+    colour jitter and grayscale (the levels are the same)."""
+    _colour_kernel()
+    return "numba" if _COLOUR_KERNEL[0] is not None else f"numpy ({_COLOUR_KERNEL[1]})"
 _JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
 
 
@@ -883,7 +936,17 @@ class SwavPluginMultiCrop(ClassyTransform):
     Randomness is one ``torch.rand`` call per image, on the per-sample
     stream of :mod:`swav_vissl_plugin.sample_seed` when the data source
     opened one, else on torch's global RNG (same torch seed, same crops).
+
+    The colour jitter and grayscale run as compiled loops
+    (:mod:`swav_vissl_plugin.colour_kernel`, Numba) when the process has
+    them (:func:`colour_kernel_backend`), else as NumPy operations; both
+    compute the same levels. ``use_colour_kernel = False`` on an instance
+    selects the NumPy operations for it (benchmarks and tests compare the
+    two).
     """
+
+    #: False: the NumPy colour operations even where the compiled kernel runs
+    use_colour_kernel = True
 
     def __init__(
         self,
@@ -945,6 +1008,13 @@ class SwavPluginMultiCrop(ClassyTransform):
         std_t = torch.tensor(self.std, dtype=torch.float64).view(3, 1, 1)
         self._scale_t = (1.0 / (255.0 * std_t)).float()
         self._shift_t = (-mean_t / std_t).float()
+        # Decided (and compiled, or loaded from Numba's cache) here, in the
+        # process that builds the dataset: a bad SWAV_PLUGIN_COLOUR_KERNEL
+        # fails before any loader starts, and forked loader workers inherit
+        # the compiled code instead of each compiling it.
+        kernel = _colour_kernel()
+        if kernel is not None:
+            kernel(np.zeros((3, 1), np.float32), np.arange(4, dtype=np.int64), _NO_FACTORS, 0, True)
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -1145,6 +1215,7 @@ class SwavPluginMultiCrop(ClassyTransform):
         buffers: List[torch.Tensor] = []
         crops: List[Optional[torch.Tensor]] = [None] * len(params)
         source_np = source.numpy()
+        kernel = _colour_kernel() if self.use_colour_kernel else None
         for a, b in runs:
             size = params[a].size
             ws = _workspace(size)
@@ -1162,6 +1233,19 @@ class SwavPluginMultiCrop(ClassyTransform):
             for i, k in enumerate(slots):
                 p = params[k]
                 X = xn[i].reshape(3, -1)
+                if kernel is not None:
+                    if p.jitter is not None or p.grayscale:
+                        clock.start()
+                        if p.jitter is None:
+                            kernel(X, _NO_ORDER, _NO_FACTORS, 0, True)
+                        else:
+                            j = p.jitter
+                            kernel(
+                                X, np.array(j.order, np.int64), np.array(j[1:4], np.float32),
+                                _hue_shift_byte(j.hue), p.grayscale,
+                            )
+                        clock.stop("jitter + grayscale (compiled)")
+                    continue
                 if p.jitter is not None:
                     for op in p.jitter.order:
                         clock.start()

@@ -107,11 +107,12 @@ def test_bench_transforms_tiny_runs_and_shapes_agree(tmp_path):
                            "--stages", "2"])
     res = _read(out)
     shapes = res["shapes"]
-    assert shapes["plugin"] == shapes["vissl"] == shapes["straightforward"]
+    assert shapes["plugin"] == shapes["plugin_numpy_colour"] == shapes["vissl"] == shapes["straightforward"]
     assert len(shapes["plugin"]) == 4
+    assert "plugin/plugin_numpy_colour" in res["timing"]["cpu"]["ratios"]
     stages = res["stages_ms_per_image"]
-    for step in ("decode", "sample_params", "resize", "hue", "blur", "ToTensor + Normalize",
-                 "(straightforward pipeline)"):
+    for step in ("decode", "sample_params", "resize", "jitter + grayscale (compiled)", "blur",
+                 "ToTensor + Normalize", "(straightforward pipeline)"):
         assert stages[step] >= 0.0, step
 
 

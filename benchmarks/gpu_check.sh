@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The one script to run on a machine with a CUDA device (under 9 minutes):
+# The one script to run on a machine with a CUDA device (under 8 minutes):
 #   1. the environment (nvidia-smi, torch and its CUDA build, where the
 #      plugin, VISSL and ClassyVision are imported from)              -> gpu_env.txt
 #   2. the tests marked gpu (pytest -m gpu tests), at most 90 s     -> gpu_tests.log
 #   3. benchmarks/gpu_bench.py (training throughput first, then the
-#      loss, LARC and scaling benchmarks), at most 430 s            -> gpu_bench.log, gpu_*.json
+#      loss, LARC and scaling benchmarks), at most 370 s            -> gpu_bench.log, gpu_*.json
 # Results go to $OUT when it is set, else to benchmarks/results.
 #
 # The interpreter: $PYTHON when set; else the built .venv (`make install`);
@@ -24,9 +24,9 @@ cd "$(dirname "$0")/.."
 RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
 DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
-# Whole run under 9 minutes: the benchmarks get what the install, the
-# environment report and the tests leave of this, at most 430 s.
-TOTAL_S=530
+# Whole run under 8 minutes: the benchmarks get what the install, the
+# environment report and the tests leave of this, at most 370 s.
+TOTAL_S=470
 start=$(date +%s)
 elapsed_s() { echo $(( $(date +%s) - start )); }
 elapsed() { echo "$(elapsed_s) s"; }
@@ -125,7 +125,7 @@ tests_rc=$?
 tail -n 15 "$RESULTS/gpu_tests.log"
 
 bench_s=$(( TOTAL_S - $(elapsed_s) - 10 ))
-[ "$bench_s" -gt 430 ] && bench_s=430
+[ "$bench_s" -gt 370 ] && bench_s=370
 [ "$bench_s" -lt 60 ] && bench_s=60
 echo "== gpu_check: benchmarks, at most $bench_s s ($(elapsed))"
 timeout --kill-after=10 "$bench_s" "$PY" benchmarks/gpu_bench.py --json-dir "$RESULTS" \

@@ -30,11 +30,13 @@ vectorises it; the NumPy form makes 3-25 array passes and library calls
 per adjustment. No fast-math: every float operation rounds as in the NumPy
 form and in Pillow.
 
-Importing this module imports Numba; the transform does so on its first
-image (``transforms._colour_kernel``). The functions are compiled on their
-first call (about 2 s) and cached next to this file (or in Numba's user
-cache where that is not writable), so later processes, DataLoader workers
-among them, load them instead. Without Numba, or with
+Importing this module imports Numba; the transform does so when it is
+built (``transforms._colour_kernel``), and calls the kernel once there, so
+that loader workers forked later inherit the compiled code. The functions
+are compiled on their first call (about 2 s after an install) and cached
+next to this file (or in Numba's user cache where that is not writable);
+other processes load them from there (about 0.9 s of CPU, mostly Numba's
+own initialisation). Without Numba, or with
 ``SWAV_PLUGIN_COLOUR_KERNEL=numpy`` in the environment, the transform uses
 its NumPy operations, which compute the same levels.
 """

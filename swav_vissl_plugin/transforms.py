@@ -569,6 +569,7 @@ def _hue_(X: np.ndarray, shift: int, ws: _Workspace) -> None:
 
 
 _JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
+_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
 _NO_ORDER = np.zeros(0, np.int64)  # grayscale only, in the compiled kernel
 _NO_FACTORS = np.ones(3, np.float32)
 
@@ -618,7 +619,6 @@ def colour_kernel_backend() -> str:
     colour jitter and grayscale (the levels are the same)."""
     _colour_kernel()
     return "numba" if _COLOUR_KERNEL[0] is not None else f"numpy ({_COLOUR_KERNEL[1]})"
-_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
 
 
 class _StageClock:

@@ -46,6 +46,9 @@ from typing import Sequence
 import numba
 import numpy as np
 
+# The constants are this module's own, not imported from transforms.py:
+# Numba freezes globals into the compiled code, and its disk cache is keyed
+# on this file alone.
 _f32, _f64 = np.float32, np.float64
 _ZERO, _HALF, _F255, _F510, _TINY = _f32(0.0), _f32(0.5), _f32(255.0), _f32(510.0), _f32(1e-30)
 _INV_65025 = _f32(1.0 / 65025.0)
@@ -202,7 +205,7 @@ def colour_crop_(X, order, factors, shift, gray):
 
 
 def colour_crop(X: np.ndarray, order: Sequence[int], factors: Sequence[float], shift: int, gray: bool) -> None:
-    """:func:`colour_crop_` with the arguments converted: ``order`` and
-    ``factors`` any sequences (``factors`` may hold the hue as a fourth
-    value, ignored)."""
+    """:func:`colour_crop_` with the arguments converted (what the transform
+    calls): ``order`` and ``factors`` any sequences (``factors`` may hold the
+    hue as a fourth value, ignored)."""
     colour_crop_(X, np.asarray(order, dtype=np.int64), np.asarray(factors[:3], dtype=np.float32), int(shift), bool(gray))

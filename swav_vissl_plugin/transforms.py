@@ -570,8 +570,6 @@ def _hue_(X: np.ndarray, shift: int, ws: _Workspace) -> None:
 
 _JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
 _JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
-_NO_ORDER = np.zeros(0, np.int64)  # grayscale only, in the compiled kernel
-_NO_FACTORS = np.ones(3, np.float32)
 
 COLOUR_KERNEL_ENV = "SWAV_PLUGIN_COLOUR_KERNEL"
 _COLOUR_KERNEL: list = []  # [the compiled function or None, why None]
@@ -590,7 +588,7 @@ def _colour_kernel_choice() -> str:
 
 
 def _colour_kernel():
-    """The compiled colour kernel (``colour_kernel.colour_crop_``), or None
+    """The compiled colour kernel (``colour_kernel.colour_crop``), or None
     for the NumPy operations: the environment's ``SWAV_PLUGIN_COLOUR_KERNEL``
     (``numba``: required, ``numpy``: off, unset: Numba if importable),
     decided once per process (:func:`colour_kernel_backend` says which)."""
@@ -602,15 +600,15 @@ def _colour_kernel():
                     _COLOUR_KERNEL[:] = [None, f"{COLOUR_KERNEL_ENV}=numpy"]
                 else:
                     try:
-                        from swav_vissl_plugin.colour_kernel import colour_crop_
+                        from swav_vissl_plugin.colour_kernel import colour_crop
                     except ImportError as e:
                         if choice == "numba":
                             raise ImportError(f"{COLOUR_KERNEL_ENV}=numba, but Numba cannot be imported: {e}") from e
-                        colour_crop_, why = None, f"Numba cannot be imported ({e})"
+                        colour_crop, why = None, f"Numba cannot be imported ({e})"
                         warnings.warn(f"{TRANSFORM_NAME}: {why}; the colour jitter runs as NumPy operations (slower)")
                     else:
                         why = ""
-                    _COLOUR_KERNEL[:] = [colour_crop_, why]
+                    _COLOUR_KERNEL[:] = [colour_crop, why]
     return _COLOUR_KERNEL[0]
 
 
@@ -1014,7 +1012,7 @@ class SwavPluginMultiCrop(ClassyTransform):
         # the compiled code instead of each compiling it.
         kernel = _colour_kernel()
         if kernel is not None:
-            kernel(np.zeros((3, 1), np.float32), np.arange(4, dtype=np.int64), _NO_FACTORS, 0, True)
+            kernel(np.zeros((3, 1), np.float32), (0, 1, 2, 3), (1.0, 1.0, 1.0), 0, True)
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -1234,16 +1232,14 @@ class SwavPluginMultiCrop(ClassyTransform):
                 p = params[k]
                 X = xn[i].reshape(3, -1)
                 if kernel is not None:
-                    if p.jitter is not None or p.grayscale:
+                    j = p.jitter
+                    if j is not None:
                         clock.start()
-                        if p.jitter is None:
-                            kernel(X, _NO_ORDER, _NO_FACTORS, 0, True)
-                        else:
-                            j = p.jitter
-                            kernel(
-                                X, np.array(j.order, np.int64), np.array(j[1:4], np.float32),
-                                _hue_shift_byte(j.hue), p.grayscale,
-                            )
+                        kernel(X, j.order, j[1:4], _hue_shift_byte(j.hue), p.grayscale)
+                        clock.stop("jitter + grayscale (compiled)")
+                    elif p.grayscale:
+                        clock.start()
+                        kernel(X, (), (1.0, 1.0, 1.0), 0, True)
                         clock.stop("jitter + grayscale (compiled)")
                     continue
                 if p.jitter is not None:

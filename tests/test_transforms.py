@@ -1036,7 +1036,17 @@ def undecided_colour_kernel():
 def test_colour_kernel_compiled_by_default(monkeypatch, undecided_colour_kernel):
     monkeypatch.delenv(T.COLOUR_KERNEL_ENV, raising=False)
     assert T.colour_kernel_backend() == "numba"
-    assert T._colour_kernel() is colour_kernel.colour_crop_
+    assert T._colour_kernel() is colour_kernel.colour_crop
+    # and a transform built with defaults renders its colour with it: its
+    # step timers see the compiled step, none of the NumPy operations
+    tr = make()
+    img = natural_photo(375, 500, top=0, left=0)
+    steps = {}
+    params = tr.sample_params(*img.size, generator=torch.Generator().manual_seed(1))
+    assert any(p.jitter is not None for p in params)
+    tr.render_levels(T._as_uint8_tensor(img), params, timers=steps)
+    assert "jitter + grayscale (compiled)" in steps
+    assert not set(steps) & {"brightness", "contrast", "saturation", "hue", "grayscale"}
 
 
 def test_colour_kernel_env_selects_numpy_and_rejects_unknown_values(monkeypatch, undecided_colour_kernel):

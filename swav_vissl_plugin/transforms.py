@@ -112,6 +112,7 @@ _DEFAULTS: Dict[str, Any] = {
     "grayscale_p": 0.2,
     "blur_p": 0.5,
     "blur_radius": [0.1, 2.0],
+    "blur_radius_fraction": None,
     "flip_p": 0.5,
     "mean": [0.485, 0.456, 0.406],
     "std": [0.228, 0.224, 0.225],
@@ -925,7 +926,10 @@ class SwavPluginMultiCrop(ClassyTransform):
     ratio) -> RandomHorizontalFlip(flip_p) -> RandomApply(ColorJitter(0.8s,
     0.8s, 0.8s, 0.2s), color_jitter_p) -> RandomGrayscale(grayscale_p) ->
     GaussianBlur(radius ~ U(blur_radius)) with p blur_p -> ToTensor ->
-    Normalize(mean, std)``; ``s`` is ``color_jitter_strength``.
+    Normalize(mean, std)``; ``s`` is ``color_jitter_strength``. With
+    ``blur_radius_fraction = [lo, hi]`` the radius is instead
+    ``U(lo, hi) x size_crops[g]`` pixels, the same blur relative to every
+    crop size (docs/small_data.md, "Blur").
 
     Returns a list of ``float32`` tensors ``(3, size, size)`` in config order
     (all crops of ``size_crops[0]`` first).  With ``normalize=False`` the
@@ -957,6 +961,7 @@ class SwavPluginMultiCrop(ClassyTransform):
         grayscale_p: float = 0.2,
         blur_p: float = 0.5,
         blur_radius: Sequence[float] = (0.1, 2.0),
+        blur_radius_fraction: Optional[Sequence[float]] = None,
         flip_p: float = 0.5,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.228, 0.224, 0.225),
@@ -983,6 +988,10 @@ class SwavPluginMultiCrop(ClassyTransform):
         self.grayscale_p = float(grayscale_p)
         self.blur_p = float(blur_p)
         self.blur_radius = (float(blur_radius[0]), float(blur_radius[1]))
+        self.blur_radius_fraction = (
+            None if blur_radius_fraction is None
+            else (float(blur_radius_fraction[0]), float(blur_radius_fraction[1]))
+        )
         self.flip_p = float(flip_p)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
@@ -1001,6 +1010,12 @@ class SwavPluginMultiCrop(ClassyTransform):
         self._scale_lo = np.repeat(self.min_scale_crops, self.nmb_crops)[:, None]
         self._scale_hi = np.repeat(self.max_scale_crops, self.nmb_crops)[:, None]
         self._log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        if self.blur_radius_fraction is None:
+            self._blur_lo = np.full(self.total_crops, self.blur_radius[0])
+            self._blur_hi = np.full(self.total_crops, self.blur_radius[1])
+        else:
+            self._blur_lo = self.blur_radius_fraction[0] * self._crop_size
+            self._blur_hi = self.blur_radius_fraction[1] * self._crop_size
 
         mean_t = torch.tensor(self.mean, dtype=torch.float64).view(3, 1, 1)
         std_t = torch.tensor(self.std, dtype=torch.float64).view(3, 1, 1)
@@ -1022,8 +1037,9 @@ class SwavPluginMultiCrop(ClassyTransform):
         Required: ``nmb_crops``, ``size_crops``, ``min_scale_crops``,
         ``max_scale_crops`` (lists of equal length).  Optional, recipe
         defaults: ``color_jitter_strength`` 1.0, ``color_jitter_p`` 0.8,
-        ``grayscale_p`` 0.2, ``blur_p`` 0.5, ``blur_radius`` [0.1, 2.0],
-        ``flip_p`` 0.5, ``mean`` [0.485, 0.456, 0.406], ``std``
+        ``grayscale_p`` 0.2, ``blur_p`` 0.5, ``blur_radius`` [0.1, 2.0] (pixels),
+        ``blur_radius_fraction`` null (or [lo, hi]: radius as a fraction of
+        the crop size, instead of ``blur_radius``), ``flip_p`` 0.5, ``mean`` [0.485, 0.456, 0.406], ``std``
         [0.228, 0.224, 0.225], ``ratio`` [3/4, 4/3], ``normalize`` True.
         Raises ``ValueError`` naming the offending key.
         """
@@ -1080,6 +1096,13 @@ class SwavPluginMultiCrop(ClassyTransform):
         blur_radius = _pair(merged, "blur_radius")
         if blur_radius[0] < 0:
             _fail(f"blur_radius must be >= 0, got {list(blur_radius)}")
+        blur_fraction = None
+        if merged["blur_radius_fraction"] is not None:
+            if "blur_radius" in config:
+                _fail("set blur_radius (pixels) or blur_radius_fraction (of the crop size), not both")
+            blur_fraction = _pair(merged, "blur_radius_fraction")
+            if blur_fraction[0] < 0:
+                _fail(f"blur_radius_fraction must be >= 0, got {list(blur_fraction)}")
         ratio = _pair(merged, "ratio")
         if ratio[0] <= 0:
             _fail(f"ratio must be > 0, got {list(ratio)}")
@@ -1099,6 +1122,7 @@ class SwavPluginMultiCrop(ClassyTransform):
             max_scale_crops=maxs,
             color_jitter_strength=strength,
             blur_radius=blur_radius,
+            blur_radius_fraction=blur_fraction,
             mean=mean,
             std=std,
             ratio=ratio,
@@ -1116,7 +1140,8 @@ class SwavPluginMultiCrop(ClassyTransform):
         (area ~ U(min, max) * image area, log aspect ~ U(log ratio), first of
         10 attempts that fits, else the centred fallback; top/left uniform
         integers), flip/jitter/grayscale/blur Bernoulli draws, ColorJitter
-        factors ~ U and a uniformly random order, blur radius ~ U(blur_radius).
+        factors ~ U and a uniformly random order, blur radius ~ U(blur_radius)
+        (or ``U(blur_radius_fraction) x`` the crop size).
         Uses one ``torch.rand`` call, on ``generator`` when given.
         """
         n = self.total_crops
@@ -1148,8 +1173,7 @@ class SwavPluginMultiCrop(ClassyTransform):
         order = np.argsort(u[:, _C_ORDER], axis=1)
         gray = u[:, _C_GRAY] < self.grayscale_p
         blur = u[:, _C_BLUR] < self.blur_p
-        r0, r1 = self.blur_radius
-        radius = r0 + (r1 - r0) * u[:, _C_RADIUS]
+        radius = self._blur_lo + (self._blur_hi - self._blur_lo) * u[:, _C_RADIUS]
 
         # Python values once per array (a NumPy scalar per field and crop
         # costs more than the whole vectorised draw)
@@ -1310,6 +1334,7 @@ class SwavPluginMultiCrop(ClassyTransform):
             f"color_jitter_strength={self.color_jitter_strength}, "
             f"color_jitter_p={self.color_jitter_p}, grayscale_p={self.grayscale_p}, "
             f"blur_p={self.blur_p}, blur_radius={list(self.blur_radius)}, "
+            f"blur_radius_fraction={self.blur_radius_fraction and list(self.blur_radius_fraction)}, "
             f"flip_p={self.flip_p}, mean={list(self.mean)}, std={list(self.std)}, "
             f"ratio={list(self.ratio)}, normalize={self.normalize})"
         )

@@ -366,6 +366,29 @@ def test_jitter_factors_order_and_blur_radius_match_torchvision():
     assert ks_2samp(radii, [rng.uniform(0.1, 2.0) for _ in range(len(radii))]).pvalue > KS_P
 
 
+def test_blur_radius_fraction_scales_with_each_crop_size():
+    """``blur_radius_fraction``: radius ~ U(lo, hi) x the crop's own size, so
+    crops of 28 and 14 px get radii in [0.28, 1.4] and [0.14, 0.7] px, each
+    uniform over its range (one random draw per crop, as ``blur_radius``)."""
+    n = 3000
+    tr = make(nmb_crops=[n, n], size_crops=[28, 14], min_scale_crops=[0.5, 0.2],
+              max_scale_crops=[1.0, 0.5], blur_radius_fraction=[0.01, 0.05], blur_p=1.0)
+    torch.manual_seed(31)
+    params = tr.sample_params(28, 28)
+    rng = random.Random(32)
+    for size, chunk in ((28, params[:n]), (14, params[n:])):
+        radii = np.array([p.blur_radius for p in chunk])
+        assert radii.min() >= 0.01 * size and radii.max() <= 0.05 * size
+        ref = [rng.uniform(0.01 * size, 0.05 * size) for _ in range(n)]
+        assert ks_2samp(radii, ref).pvalue > KS_P, size
+    # without it, every crop size draws from the same pixel range
+    torch.manual_seed(31)
+    plain = make(nmb_crops=[n, n], size_crops=[28, 14], min_scale_crops=[0.5, 0.2],
+                 max_scale_crops=[1.0, 0.5], blur_p=1.0).sample_params(28, 28)
+    small = np.array([p.blur_radius for p in plain[n:]])
+    assert ks_2samp(small, [rng.uniform(0.1, 2.0) for _ in range(n)]).pvalue > KS_P
+
+
 def test_flip_jitter_grayscale_blur_rates_match_torchvision_ops():
     """Each random operation alone, on tiny images, in the plugin and in
     torchvision's (the release's blur: np.random.rand() <= 0.5): the rates at
@@ -936,6 +959,10 @@ def test_same_seed_same_crops_and_only_torch_rng_used():
         ({"color_jitter_p": 1.01}, r"color_jitter_p must be a probability"),
         ({"color_jitter_strength": -1}, r"color_jitter_strength"),
         ({"blur_radius": [2.0, 0.1]}, r"blur_radius"),
+        ({"blur_radius_fraction": [0.05, 0.01]}, r"blur_radius_fraction must satisfy min <= max"),
+        ({"blur_radius_fraction": [-0.1, 0.1]}, r"blur_radius_fraction must be >= 0"),
+        ({"blur_radius_fraction": [0.01, 0.05], "blur_radius": [0.1, 2.0]},
+         r"blur_radius \(pixels\) or blur_radius_fraction \(of the crop size\), not both"),
         ({"ratio": [0.0, 1.0]}, r"ratio"),
         ({"std": [0.2, 0.0, 0.2]}, r"std"),
         ({"mean": [0.5, 0.5]}, r"mean"),

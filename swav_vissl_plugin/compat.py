@@ -122,6 +122,33 @@ def patch_stateful_sampler() -> None:
     _replace(data, "StatefulDistributedSampler", ResumableDistributedSampler)
 
 
+#: the module the forkserver of loader workers imports first
+LOADER_PRELOAD = "swav_vissl_plugin.loader_preload"
+
+
+def patch_forkserver_preload() -> None:
+    """Reason: under VISSL's default ``MULTI_PROCESSING_METHOD: forkserver``
+    the train engine's ``setup_multiprocessing_method`` leaves the forkserver
+    without a preload, so every loader worker, started anew each epoch,
+    imports torch, VISSL and the plugin and loads the compiled colour kernel
+    itself (3-4 s per worker and epoch on 2 cores). With the plugin the
+    forkserver imports swav_vissl_plugin.loader_preload first, and workers
+    forked from it start with all of it loaded."""
+    import multiprocessing
+
+    from vissl.engines import train
+
+    original = ORIGINALS.get((train.__name__, "setup_multiprocessing_method"), train.setup_multiprocessing_method)
+
+    @functools.wraps(original)
+    def setup_multiprocessing_method(method_name: str):
+        original(method_name)
+        if method_name == "forkserver":
+            multiprocessing.set_forkserver_preload([LOADER_PRELOAD])
+
+    _replace(train, "setup_multiprocessing_method", setup_multiprocessing_method)
+
+
 PATCHES: List[Callable[[], None]] = [
     patch_dataset_catalog_for_explicit_paths,
     patch_resume_checkpoint_selection,
@@ -129,6 +156,7 @@ PATCHES: List[Callable[[], None]] = [
     patch_resume_checkpoint_loading,
     patch_trainer_resume_context,
     patch_stateful_sampler,
+    patch_forkserver_preload,
 ]
 
 

@@ -95,6 +95,7 @@ __all__ = [
     "to_rgb",
     "COLOUR_KERNEL_ENV",
     "colour_kernel_backend",
+    "warm_colour_kernel",
 ]
 
 TRANSFORM_NAME = "SwavPluginMultiCrop"
@@ -613,6 +614,15 @@ def _colour_kernel():
     return _COLOUR_KERNEL[0]
 
 
+def warm_colour_kernel() -> None:
+    """Decide the colour backend of this process and, for the compiled
+    kernel, compile it (or load it from Numba's cache) now, with one call on
+    a 1-pixel crop: processes forked later inherit it ready."""
+    kernel = _colour_kernel()
+    if kernel is not None:
+        kernel(np.zeros((3, 1), np.float32), (0, 1, 2, 3), (1.0, 1.0, 1.0), 0, True)
+
+
 def colour_kernel_backend() -> str:
     """``"numba"`` or ``"numpy (<why>)"``: how this process computes the
     colour jitter and grayscale (the levels are the same)."""
@@ -1025,9 +1035,7 @@ class SwavPluginMultiCrop(ClassyTransform):
         # process that builds the dataset: a bad SWAV_PLUGIN_COLOUR_KERNEL
         # fails before any loader starts, and forked loader workers inherit
         # the compiled code instead of each compiling it.
-        kernel = _colour_kernel()
-        if kernel is not None:
-            kernel(np.zeros((3, 1), np.float32), (0, 1, 2, 3), (1.0, 1.0, 1.0), 0, True)
+        warm_colour_kernel()
 
     # ------------------------------------------------------------------ config
     @classmethod

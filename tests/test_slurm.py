@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import slurm_cluster
+from tolerances import unit_norm_tol
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -239,7 +240,7 @@ def test_final_checkpoint_is_the_plugins_model(preempted_run):
     model = build_model(cfg.MODEL, cfg.OPTIMIZER)
     model.set_classy_state(state["classy_state_dict"]["base_model"])
     protos = model.heads[0].prototype_parameters()[0]
-    assert torch.allclose(protos.norm(dim=1), torch.ones(protos.shape[0]), atol=1e-5)
+    torch.testing.assert_close(protos.norm(dim=1), torch.ones(protos.shape[0]), rtol=0, atol=unit_norm_tol(protos.shape[1]))
 
 
 def test_job_imported_the_installed_plugin_before_vissl(preempted_run):

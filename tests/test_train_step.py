@@ -16,6 +16,7 @@ from classy_vision.tasks.classification_task import AmpType
 
 from cpu_runs import default_runs
 from swav_vissl_plugin.train_step import TRAIN_STEP_NAME, autocast_dtype
+from tolerances import unit_norm_tol
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def test_forward_runs_in_the_chosen_precision(runs, name, dtype):
     for s in steps:
         # head output: embeddings and prototype scores, computed under autocast
         assert set(s["output_dtypes"]) == {dtype}, s
-        assert math.isfinite(s["loss"]) and s["prototypes_norm_error"] < 1e-2
+        # the prototypes are float32 parameters in every precision (autocast
+        # casts the forward's ops only), normalised by the hook in float32
+        assert math.isfinite(s["loss"]) and s["prototypes_norm_error"] <= unit_norm_tol(64)  # quickstart feat_dim
 
 
 def test_float16_scales_the_loss_and_bfloat16_does_not(runs):

@@ -86,3 +86,27 @@ def grad_scale(batch, num_crops, temperature=0.1):
     """Scale of the gradient's terms: softmax(s_p / T) and the codes (each
     <= 1, per assign crop) over n T with n = num_assign (num_crops - 1) batch."""
     return 1.0 / ((num_crops - 1) * batch * temperature)
+
+
+# --------------------------------------- k-means (swav_vissl_plugin.clustering)
+def centroid_rtol(bank, labels, k, eps=EPS32):
+    """Error of each spherical k-means centroid (a unit vector: scale 1).
+
+    A cluster's sum of m unit rows (index_add_) is off by at most
+    terms(m) eps x m in norm (each row has norm 1), relative to its norm
+    m |mean|: terms(m) / |mean| roundings, twice for the normalisation that
+    follows; then two normalisations (a D-term norm and a division each). m
+    and |mean| are those of ``labels``."""
+    x = bank.detach().double()
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=k).double()
+    used = counts > 0
+    gain = max(terms(m) * m / norm for m, norm in zip(counts[used].tolist(), sums[used].norm(dim=1).tolist()))
+    return rtol(2 * gain, 2 * (terms(x.shape[1]) + 2), eps=eps)
+
+
+def unit_norm_tol(dim, normalisations=1, eps=EPS32):
+    """|norm - 1| of a row L2-normalised in float32 and measured again: each
+    normalisation (a ``dim``-term norm, a sqrt, a division) and the
+    measurement (a ``dim``-term norm, a sqrt)."""
+    return rtol((normalisations + 1) * (terms(dim) + 1) + normalisations, eps=eps)

@@ -439,7 +439,10 @@ def _records(folder: Path, rank: int):
 
 def _assert_same_trajectory(reference: Path, interrupted: Path) -> list:
     """Every iteration the interrupted runs executed (some twice) equals the
-    uninterrupted run's, field by field; returns the (run, iteration) order."""
+    uninterrupted run's, field by field; returns the (run, iteration) order.
+    Exact, floats included: the resumed run repeats the same computation on
+    the same machine (same kernels, threads, inputs, restored random streams
+    and sampler position), which the resume promises to be bit-identical."""
     order = []
     for rank in (0, 1):
         ref = {r["iteration"]: r for r in _records(reference, rank) if "start" not in r}
@@ -456,6 +459,7 @@ def _assert_same_trajectory(reference: Path, interrupted: Path) -> list:
 
 
 def _assert_bitwise_equal(a, b, path="checkpoint"):
+    # exact for the reason given in _assert_same_trajectory
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
         assert torch.equal(a, b), path

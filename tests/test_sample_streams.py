@@ -87,6 +87,8 @@ def streams(tmp_path_factory):
 
 
 def _same(a, b):
+    # exact: a sample's crops come from its own seed through the same code and
+    # kernels, whichever worker, epoch position or resume makes them
     return a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 

@@ -329,9 +329,14 @@ def test_real_run_tensorboard_signals(run):
     assert [v for _, v in s["SwAV/queue_in_use"]] == [0.0] * n_iter  # the quickstart has no queue
     # forced to fire after PATIENCE iterations from iteration 0 (tests/monitor_run.py)
     assert [v for _, v in s["SwAV/collapse_warning"]] == [0.0] * (m.PATIENCE - 1) + [1.0] * (n_iter - m.PATIENCE + 1)
-    # images/s against VISSL's own batch times (stdout.json 'btime(ms)', a running mean)
+    # images/s against VISSL's own batch times (stdout.json 'btime(ms)', a
+    # running mean of the batch times): 32 / btime is the rate of the mean
+    # time, so it is compared with the harmonic mean of the per-iteration
+    # rates (their plain mean is larger when iteration times vary, as on a
+    # busy machine); within 2x (VISSL's times also hold the phase-end kNN and
+    # checkpoint)
     btime = json.loads((run["ckpt"] / "stdout.json").read_text().splitlines()[-1])["btime(ms)"] / 1000
     ips = [v for _, v in s["Speed/images_per_sec"]]
-    assert 0.5 < (32 / btime) / (sum(ips) / len(ips)) < 2.0
+    assert 0.5 < (32 / btime) / (len(ips) / sum(1 / v for v in ips)) < 2.0
     log = (run["ckpt"] / "log.txt").read_text()
     assert log.count("SwAV looks collapsed") == 1 and "Likely causes:" in log

@@ -68,6 +68,7 @@ Config, ``config.SWAV_PLUGIN.MONITOR`` (all optional; defaults in
       PATIENCE_ITERS: 200               # consecutive suspect iterations before the warning
       LOSS_REL_TOLERANCE: 0.005         # at ln K: |loss - ln K| <= tolerance x ln K
       START_ITER: null                  # first checked iteration; null: freeze_prototypes_niters
+      RECIPE_LR_PER_256: 0.3            # the recipe's LR per 256 images ("LR too high" is 2x that)
     KNN: {...}                          # see swav_vissl_plugin.knn
 
 A batch of ``n`` views can use at most ``min(K, n)`` prototypes, hence the
@@ -106,11 +107,14 @@ from swav_vissl_plugin.knn import (
 __all__ = [
     "MONITOR_DEFAULTS",
     "COLLAPSE_DEFAULTS",
+    "COLLAPSE_MARK",
+    "LIKELY_CAUSES",
     "code_entropy",
     "argmax_histogram",
     "prototype_utilisation",
     "cluster_size_stats",
     "CollapseDetector",
+    "collapse_message",
     "likely_collapse_causes",
     "PrototypeMonitorHook",
     "ClusterStatsHook",
@@ -118,14 +122,21 @@ __all__ = [
 ]
 
 MONITOR_DEFAULTS: Dict[str, Any] = {"ENABLED": True, "COLLAPSE": {}, "KNN": {}}
+#: the release's learning rate per 256 images (4.8 at 4096; docs/recipe.md)
+RELEASE_LR_PER_256 = 0.3
 COLLAPSE_DEFAULTS: Dict[str, Any] = {
     "ENABLED": True,
     "MIN_UTILISATION_FRACTION": 0.1,
     "PATIENCE_ITERS": 200,
     "LOSS_REL_TOLERANCE": 0.005,
     "START_ITER": None,
+    "RECIPE_LR_PER_256": RELEASE_LR_PER_256,
 }
 SWAV_LOSS = "swav_plugin_loss"
+#: how the collapse warning starts, and the line before its list of causes
+#: (one cause per following line, each starting with "  - ")
+COLLAPSE_MARK = "SwAV looks collapsed:"
+LIKELY_CAUSES = "Likely causes:"
 PROTOTYPE_HEAD = "swav_plugin_head"
 
 
@@ -246,24 +257,46 @@ class CollapseDetector:
         return False
 
 
+def collapse_message(patience: int, iteration: int, epoch: Any, reasons: Sequence[str],
+                     causes: Sequence[str]) -> str:
+    """The collapse warning's text: ``COLLAPSE_MARK``, the streak, the suspect
+    signals, then ``LIKELY_CAUSES`` and one ``"  - "`` line per cause."""
+    return (
+        f"swav_vissl_plugin: {COLLAPSE_MARK} {patience} consecutive iterations up to "
+        f"iteration {iteration} (epoch {epoch}) with " + "; ".join(reasons)
+        + f". {LIKELY_CAUSES}\n  - " + "\n  - ".join(causes)
+    )
+
+
 def likely_collapse_causes(context: Mapping[str, Any]) -> List[str]:
     """The usual causes of a SwAV collapse, each marked ``[this run: ...]``
     when ``context`` shows it. Context keys (all optional):
-    ``global_batch``, ``queue_in_use``, ``queue_length``,
-    ``epoch_queue_starts``, ``freeze_prototypes_niters``, ``lr``,
-    ``normalize``."""
+    ``global_batch``, ``num_prototypes`` (K of the smallest head),
+    ``queue_in_use``, ``queue_length``, ``epoch_queue_starts``,
+    ``freeze_prototypes_niters``, ``lr``, ``recipe_lr_per_256`` (the LR the
+    recipe was measured with, per 256 images; default the release's 0.3),
+    ``normalize``.
+
+    Batch: Sinkhorn spreads each step's samples (the batch, plus the queue
+    once in use) evenly over the K prototypes; with fewer than K / 2 of
+    them each prototype gets less than half a sample and the codes cannot
+    be sharp (the release adds a queue at 256 images for K = 3000; the
+    small-image recipe trains 64 images for K = 100 without one)."""
     c = dict(context)
     causes = []
 
     def add(text: str, flag: Optional[str]) -> None:
         causes.append(text + (f" [this run: {flag}]" if flag else ""))
 
-    batch = c.get("global_batch")
+    batch, k = c.get("global_batch"), c.get("num_prototypes")
     flag = None
-    if batch is not None and not c.get("queue_in_use") and int(batch) < 256:
-        flag = f"global batch {int(batch)} and no queue in use"
-    add("batch too small without a queue (below ~256 images the recipe uses a queue: "
-        "LOSS.swav_plugin_loss.queue_length)", flag)
+    if batch is not None and not c.get("queue_in_use"):
+        if k is not None and int(batch) < int(k) / 2:
+            flag = f"global batch {int(batch)} for {int(k)} prototypes and no queue in use"
+        elif k is None and int(batch) < 256:
+            flag = f"global batch {int(batch)} and no queue in use"
+    add("batch too small for the number of prototypes without a queue (fewer than K / 2 samples per "
+        "Sinkhorn step: LOSS.swav_plugin_loss.queue_length, or fewer prototypes)", flag)
 
     flag = None
     if c.get("queue_in_use"):
@@ -276,11 +309,14 @@ def likely_collapse_causes(context: Mapping[str, Any]) -> List[str]:
         "freeze_prototypes_niters)", "freeze_prototypes_niters = 0" if freeze is not None and int(freeze) == 0 else None)
 
     lr, flag = c.get("lr"), None
+    per_256 = float(c.get("recipe_lr_per_256") or RELEASE_LR_PER_256)
     if lr is not None and batch:
-        recipe = 0.3 * int(batch) / 256.0
+        recipe = per_256 * int(batch) / 256.0
         if float(lr) > 2 * recipe:
-            flag = f"LR {float(lr):.4g} is {float(lr) / recipe:.1f}x the recipe's 0.3 per 256 images ({recipe:.4g})"
-    add("learning rate too high (OPTIMIZER.param_schedulers.lr)", flag)
+            flag = (f"LR {float(lr):.4g} is {float(lr) / recipe:.1f}x the recipe's {per_256:g} per 256 images "
+                    f"({recipe:.4g})")
+    add("learning rate too high (OPTIMIZER.param_schedulers.lr; the recipe's is "
+        "SWAV_PLUGIN.MONITOR.COLLAPSE.RECIPE_LR_PER_256 per 256 images)", flag)
 
     add("features not normalised (MODEL.HEAD.PARAMS swav_plugin_head normalize: true; "
         "prototypes L2-normalised every step)", "head normalize = false" if c.get("normalize") is False else None)
@@ -330,7 +366,7 @@ class PrototypeMonitorHook(_WriterMixin, NoopHook):
     def __init__(self, cfg=None, collapse: Optional[Mapping[str, Any]] = None):
         super().__init__()
         self.cfg = cfg
-        self.collapse_settings = dict(COLLAPSE_DEFAULTS if collapse is None else collapse)
+        self.collapse_settings = {**COLLAPSE_DEFAULTS, **(collapse or {})}
         self.detector: Optional[CollapseDetector] = None
         self.freeze_prototypes_niters = 0
         self._writer = False
@@ -458,6 +494,8 @@ class PrototypeMonitorHook(_WriterMixin, NoopHook):
         loss = _loss(task)
         context = {
             "global_batch": self.global_batch,
+            "num_prototypes": min(self.num_prototypes),
+            "recipe_lr_per_256": self.collapse_settings["RECIPE_LR_PER_256"],
             "queue_in_use": bool(stats.get("queue_in_use", False)),
             "queue_length": getattr(loss, "queue_length", None),
             "epoch_queue_starts": getattr(loss, "epoch_queue_starts", None),
@@ -466,13 +504,8 @@ class PrototypeMonitorHook(_WriterMixin, NoopHook):
             "normalize": self._normalize,
         }
         d = self.detector
-        msg = (
-            f"swav_vissl_plugin: SwAV looks collapsed: {d.patience_iters} consecutive iterations up to "
-            f"iteration {it} (epoch {getattr(task, 'train_phase_idx', '?')}) with "
-            + "; ".join(d.reasons)
-            + ". Likely causes:\n  - "
-            + "\n  - ".join(likely_collapse_causes(context))
-        )
+        msg = collapse_message(d.patience_iters, it, getattr(task, "train_phase_idx", "?"), d.reasons,
+                               likely_collapse_causes(context))
         self.warnings.append(msg)
         logging.warning("%s", msg)
 
@@ -549,6 +582,8 @@ def monitor_settings(cfg) -> Dict[str, Any]:
         raise ValueError(f"{key}LOSS_REL_TOLERANCE must be >= 0, got {collapse['LOSS_REL_TOLERANCE']!r}")
     if collapse["START_ITER"] is not None and (not isinstance(collapse["START_ITER"], int) or collapse["START_ITER"] < 0):
         raise ValueError(f"{key}START_ITER must be an integer >= 0 or null, got {collapse['START_ITER']!r}")
+    if isinstance(collapse["RECIPE_LR_PER_256"], bool) or not float(collapse["RECIPE_LR_PER_256"]) > 0:
+        raise ValueError(f"{key}RECIPE_LR_PER_256 must be > 0, got {collapse['RECIPE_LR_PER_256']!r}")
     return {"ENABLED": bool(top["ENABLED"]), "COLLAPSE": collapse, "KNN": knn_settings(cfg)}
 
 

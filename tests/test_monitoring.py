@@ -138,6 +138,41 @@ def test_causes_flag_what_the_run_shows():
     assert not any("[this run:" in c for c in healthy)
 
 
+@pytest.mark.parametrize(
+    "batch, k, queue, flagged",
+    [
+        (256, 3000, False, True),   # the release's bs256 rows need their queue
+        (256, 3000, True, False),
+        (4096, 3000, False, False),  # the release's 4096 rows
+        (64, 100, False, False),    # the small-image recipe
+        (32, 100, False, True),
+    ],
+)
+def test_batch_cause_is_relative_to_the_prototypes(batch, k, queue, flagged):
+    (cause,) = [c for c in likely_collapse_causes({"global_batch": batch, "num_prototypes": k, "queue_in_use": queue})
+                if c.startswith("batch too small")]
+    assert ("[this run:" in cause) == flagged
+    if flagged:
+        assert f"global batch {batch} for {k} prototypes" in cause
+
+
+@pytest.mark.parametrize(
+    "lr, batch, per_256, flagged",
+    [
+        (4.8, 64, 0.3, True),     # 16x the release's 0.3 per 256 images
+        (4.8, 4096, 0.3, False),  # the release's own
+        (4.8, 64, 19.2, False),   # the small-image recipe's own
+        (19.2, 64, 19.2, True),   # 4x it
+    ],
+)
+def test_lr_cause_is_relative_to_the_recipes_lr(lr, batch, per_256, flagged):
+    (cause,) = [c for c in likely_collapse_causes({"global_batch": batch, "lr": lr, "recipe_lr_per_256": per_256})
+                if c.startswith("learning rate too high")]
+    assert ("[this run:" in cause) == flagged
+    if flagged:
+        assert f"{lr / (per_256 * batch / 256):.1f}x the recipe's {per_256:g} per 256 images" in cause
+
+
 # ---------------------------------------------------------------- hooks
 class FakeWriter:
     def __init__(self):
@@ -199,10 +234,11 @@ def test_hook_collapse_warning_and_tags(caplog):
     msg = warnings[0]
     assert "4 consecutive iterations up to iteration 3" in msg
     assert "head 0: 1 of 12 prototypes" in msg and f"sits at ln K = {math.log(K):.4f}" in msg
-    for cause in ("batch too small without a queue", "queue started too early", "prototypes never frozen",
-                  "learning rate too high", "features not normalised"):
+    for cause in ("batch too small for the number of prototypes without a queue", "queue started too early",
+                  "prototypes never frozen", "learning rate too high", "features not normalised"):
         assert cause in msg
-    assert "[this run: freeze_prototypes_niters = 0]" in msg and "[this run: global batch 48 and no queue in use]" in msg
+    assert "[this run: freeze_prototypes_niters = 0]" in msg
+    assert "global batch 48" not in msg  # 48 images per step for 12 prototypes: enough
     s = writer.scalars
     assert [v for _, v in s["SwAV/prototype_utilisation/head0"]] == [1.0] * 6
     assert s["SwAV/prototype_utilisation_fraction/head0"][0][1] == pytest.approx(1 / K)

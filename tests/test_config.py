@@ -51,7 +51,9 @@ def test_queue_length_trimmed_to_multiple_of_global_batch(compose_cfg):
 
 def test_linear_lr_scaling(compose_cfg):
     lr_key = "config.OPTIMIZER.param_schedulers.lr"
+    no_recipe = "config.SWAV_PLUGIN.RECIPE_GLOBAL_BATCH=null"  # base_value alone sets the LR
     c = compose_cfg(
+        no_recipe,
         f"{lr_key}.auto_lr_scaling.auto_scale=true",
         f"{lr_key}.auto_lr_scaling.base_value=0.3",
         f"{lr_key}.base_lr=4.8",
@@ -63,7 +65,9 @@ def test_linear_lr_scaling(compose_cfg):
     lr = c.OPTIMIZER.param_schedulers.lr
     assert lr.base_lr == pytest.approx(4.8) and lr.final_lr == pytest.approx(0.0048)
     c = compose_cfg(
+        no_recipe,
         f"{lr_key}.auto_lr_scaling.auto_scale=true",
+        f"{lr_key}.auto_lr_scaling.base_value=0.3",
         "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64",
         "config.DISTRIBUTED.NUM_PROC_PER_NODE=4",
     )
@@ -78,7 +82,7 @@ def test_linear_lr_scaling(compose_cfg):
         ([f"{LOSS}.crops_for_assign=[]"], "LOSS.swav_plugin_loss.crops_for_assign"),
         ([f"{MC}.size_crops=[28]"], "DATA.TRAIN.TRANSFORMS[SwavPluginMultiCrop]"),
         ([f"{MC}.min_scale_crops=[0.3,0.1,0.05]"], "DATA.TRAIN.TRANSFORMS[SwavPluginMultiCrop]"),
-        ([f"{LOSS}.queue_length=100"], "LOSS.swav_plugin_loss.queue_length"),
+        ([f"{LOSS}.queue_length=50"], "LOSS.swav_plugin_loss.queue_length"),  # < the batch of 64
         ([f"{LOSS}.epsilon=0"], "LOSS.swav_plugin_loss.epsilon"),
         ([f"{LOSS}.epsilon=-0.05"], "LOSS.swav_plugin_loss.epsilon"),
         ([f"{LOSS}.temperature=0"], "LOSS.swav_plugin_loss.temperature"),
@@ -89,7 +93,7 @@ def test_linear_lr_scaling(compose_cfg):
         (["config.OPTIMIZER.param_schedulers.lr.name=warmup_cos"], "OPTIMIZER.param_schedulers.lr.name"),
         ([f"{MC}.name=SwavMultiCrop"], "DATA.TRAIN.TRANSFORMS[0].name"),
         (["config.DATA.TRAIN.COLLATE_FUNCTION=swav_collator"], "DATA.TRAIN.COLLATE_FUNCTION"),
-        (["config.OPTIMIZER.param_schedulers.lr.warmup_epochs=10"], "OPTIMIZER.param_schedulers.lr.warmup_epochs"),
+        (["config.OPTIMIZER.param_schedulers.lr.warmup_epochs=36"], "OPTIMIZER.param_schedulers.lr.warmup_epochs"),
         (
             ["config.SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS=-1"],
             "SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS",

@@ -131,9 +131,21 @@ def test_inference_twice_scales_once(compose_cfg):
     assert c.OPTIMIZER.param_schedulers.lr.base_lr == pytest.approx(0.3)
 
 
+def test_small_image_recipe_on_two_processes_is_rescaled(compose_cfg):
+    small = "swav_plugin/pretrain/swav_small_images"
+    c = compose_cfg("config.DISTRIBUTED.NUM_PROC_PER_NODE=2", config=small)  # 2 x 64 = 128 images per step
+    assert c.LOSS.swav_plugin_loss.freeze_prototypes_niters == 31  # still one epoch of 4,000 images
+    assert c.OPTIMIZER.param_schedulers.lr.base_lr == pytest.approx(9.6)  # 19.2 per 256 images
+    c = compose_cfg("config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32",
+                    config=small)  # the recipe's global batch on 2 processes: nothing to restate
+    assert c.LOSS.swav_plugin_loss.freeze_prototypes_niters == 62
+    assert c.OPTIMIZER.param_schedulers.lr.base_lr == pytest.approx(4.8)
+    assert "WARNING" not in describe(c)
+
+
 def test_quickstart_is_not_rescaled(compose_cfg):
     c = compose_cfg("config.DISTRIBUTED.NUM_PROC_PER_NODE=2")
-    assert c.LOSS.swav_plugin_loss.freeze_prototypes_niters == 31
+    assert c.LOSS.swav_plugin_loss.freeze_prototypes_niters == 62
     assert c.OPTIMIZER.param_schedulers.lr.base_lr == 4.8
     assert "WARNING" not in describe(c)
 

@@ -191,20 +191,15 @@ def pretrain(overrides: Sequence[str], checkpoint_dir: Path, tag: str = "quickst
     return config, time.time() - t0, final_checkpoint(checkpoint_dir)
 
 
-def probe(config, checkpoint, splits: Dict[str, Path]) -> float:
+def probe(config, checkpoint, data: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Linear-probe top-1 (%) of the trunk of ``checkpoint`` (None: randomly
-    initialised with the config's seed) on ``splits['val']``, fit on
-    ``splits['train']``."""
+    initialised with the config's seed) on ``data['val']``, fit on
+    ``data['train']`` (each ``(images, labels)`` as :func:`load_split` gives)."""
     trunk = build_trunk(config, None if checkpoint is None else str(checkpoint))
-    train_x, train_y = load_split(splits["train"])
-    val_x, val_y = load_split(splits["val"])
+    (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
     return linear_probe(
         (extract_features(trunk, train_x), train_y.numpy()), (extract_features(trunk, val_x), val_y.numpy())
     )
-
-
-def count_images(folder: Path) -> int:
-    return sum(1 for d in Path(folder).iterdir() if d.is_dir() for _ in d.iterdir())
 
 
 def collapse_warnings(checkpoint_dir: Path) -> List[Dict[str, Any]]:
@@ -252,9 +247,10 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     config, pretrain_s, ckpt = pretrain(overrides, ckpt_dir)
     print(f"[quickstart] pretraining done in {pretrain_s:.0f}s: {ckpt}", flush=True)
 
+    data = {split: load_split(splits[split]) for split in ("train", "val")}
     results = {}
     for name, path in (("pretrained", ckpt), ("random_init", None)):
-        results[name] = probe(config, path, splits)
+        results[name] = probe(config, path, data)
         print(f"[quickstart] linear probe top-1, {name} trunk: {results[name]:.1f}%", flush=True)
 
     log = read_training_log(ckpt_dir)
@@ -288,8 +284,8 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
         "pretrain_seconds": pretrain_s,
         "total_seconds": time.time() - t0,
         "checkpoint": str(ckpt),
-        "train_images": count_images(splits["train"]),
-        "val_images": count_images(splits["val"]),
+        "train_images": int(len(data["train"][1])),
+        "val_images": int(len(data["val"][1])),
         "recipe": describe(config),
         "knn_monitor": knn,
         "prototype_gallery": {k: gallery[k] for k in ("png", "html", "json", "prototypes_used", "overall_purity")},

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 from swav_vissl_plugin.quickstart import (
     collapse_warnings,
+    load_split,
     pretrain,
     probe,
     read_knn_log,
@@ -86,7 +87,7 @@ def evaluate_run(config, run_dir: Path, splits: Dict[str, Path], checkpoint: Pat
     return {
         "knn_top1": knn[-1]["knn_top1"] if knn else None,
         "knn_curve": [[r["train_phase_idx"], r["knn_top1"]] for r in knn],
-        "linear_top1": probe(config, checkpoint, splits),
+        "linear_top1": probe(config, checkpoint, {split: load_split(splits[split]) for split in ("train", "val")}),
         "prototypes_used": gallery["prototypes_used"],
         "num_prototypes": gallery["num_prototypes"],
         "final_loss": log[-1]["loss"] if log else None,
@@ -183,6 +184,9 @@ def sweep(
     with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
         rows = list(pool.map(one, points))
     (output_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
-    (output_dir / "sweep.md").write_text(markdown_table(rows))
+    caption = f"`{config_name}`" + "".join(f", `{o}`" for o in overrides)
+    epochs = config.OPTIMIZER.num_epochs
+    (output_dir / "sweep.md").write_text(f"Recipe sweep of {caption} ({epochs} epochs); LR as a factor of "
+                                         f"the config's.\n\n{markdown_table(rows)}")
     plot_knn_curves(rows, output_dir / "knn_curves.png")
     return rows

@@ -58,7 +58,7 @@ RECIPE: Dict[str, object] = {
     "warmup_epochs": 1,
     "start_warmup": 0.3,
     "weight_decay": 1e-6,
-    "epochs": 36,
+    "epochs": 34,
 }
 
 

@@ -80,7 +80,10 @@ def test_tiny_sweep_trains_evaluates_and_writes_its_outputs(mnist_folder, tmp_pa
     assert row["knn_curve"] and row["final_loss"] > 0
     out = tmp_path / "sweep"
     assert json.loads((out / "sweep.json").read_text()) == rows
-    assert (out / "sweep.md").read_text().count("\n") == 3
+    md = (out / "sweep.md").read_text()
+    # caption (config, overrides, epochs), blank line, header, rule, one row
+    assert md.startswith("Recipe sweep of `swav_plugin/pretrain/swav_small_images`, `config.OPTIMIZER.num_epochs=2`")
+    assert "(2 epochs)" in md.splitlines()[0] and md.count("\n") == 5
     assert (out / "knn_curves.png").stat().st_size > 0
     # a finished point is read back, not retrained
     assert sweep(out, mnist_folder, overrides=over, lr_factors=[1.0], epsilons=[0.05], batches=[16]) == rows

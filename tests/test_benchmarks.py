@@ -326,3 +326,15 @@ def test_bench_gpu_train_tiny_cpu_compiled_trunk(tmp_path):
         assert v["status"] == "measured", v
         assert v["images_per_s"] > 0 and v["loss_finite"]
     assert compiled[0]["compile_s"] >= 0 and "compile_s" not in compiled[1]  # compiled once
+
+
+def test_bench_small_run_tiny_runs_and_memory_formats_agree(tmp_path):
+    import bench_small_run
+
+    out = tmp_path / "small_run.json"
+    bench_small_run.main(["--tiny", "--json", str(out)])
+    res = _read(out)
+    # the two memory formats give the same scores (the script asserts the bound)
+    assert res["trunk"]["max_abs_diff"] < 1e-4
+    assert set(res["trunk"]["cpu"]) == {"channels_last", "nchw"}
+    assert len(res["loader_start"]["cold"]) == len(res["loader_start"]["preloaded"]) == 1

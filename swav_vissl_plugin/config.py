@@ -50,6 +50,7 @@ Without ``RECIPE_GLOBAL_BATCH`` (e.g. the quickstart) nothing is rescaled.
 
 import logging
 import math
+import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 SWAV_LOSS = "swav_plugin_loss"
@@ -477,8 +478,14 @@ def infer_and_validate(cfg, auto_scale_lr: bool = False, check_data: bool = Fals
     return cfg
 
 
+# hydra's GlobalHydra is one per process: two threads composing at once (a
+# sweep's parallel runs) would find it initialised by the other.
+_HYDRA_LOCK = threading.Lock()
+
+
 def compose(overrides: Sequence[str], dump_config: bool = True):
     """VISSL's composition of ``overrides`` plus the plugin's inference.
+    Safe to call from several threads (hydra's part runs one at a time).
 
     ``dump_config`` composes the config of a run, as VISSL's command line
     does: its data paths are checked (before any rank or data-loader worker
@@ -493,7 +500,7 @@ def compose(overrides: Sequence[str], dump_config: bool = True):
     from vissl.config import AttrDict
     from vissl.utils.hydra_config import convert_to_attrdict
 
-    with initialize_config_module(config_module="vissl.config", version_base=None):
+    with _HYDRA_LOCK, initialize_config_module(config_module="vissl.config", version_base=None):
         cfg = hydra_compose("defaults", overrides=list(overrides))
     # VISSL's own LR scaling knows only its schedulers: take ours out of its way
     # (and name an unknown one before VISSL fails on it with a RuntimeError).

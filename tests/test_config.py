@@ -24,6 +24,23 @@ def test_quickstart_composes_from_any_directory(tmp_path):
     assert out.stdout.split() == ["swav_plugin_loss", "6", "swav_plugin_small_cnn"]
 
 
+def test_compose_from_several_threads_at_once():
+    # a sweep composes its runs from parallel threads; hydra's global state is
+    # one per process, so each thread must still get its own config
+    from concurrent.futures import ThreadPoolExecutor
+
+    from swav_vissl_plugin.config import compose
+
+    def batch_of(b):
+        over = ["config=swav_plugin/pretrain/swav_small_images", "config.DATA.TRAIN.DATA_PATHS=[.]",
+                f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={b}"]
+        return compose(over, dump_config=False)[1].DATA.TRAIN.BATCHSIZE_PER_REPLICA
+
+    batches = [64, 256, 32, 128] * 2
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(batch_of, batches)) == batches
+
+
 def test_base_config_is_the_recipe(compose_cfg):
     c = compose_cfg(config="swav_plugin/pretrain/swav_base")
     loss = c.LOSS.swav_plugin_loss

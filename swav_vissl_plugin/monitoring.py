@@ -273,7 +273,9 @@ def likely_collapse_causes(context: Mapping[str, Any]) -> List[str]:
     when ``context`` shows it. Context keys (all optional):
     ``global_batch``, ``num_prototypes`` (K of the smallest head),
     ``queue_in_use``, ``queue_length``, ``epoch_queue_starts``,
-    ``freeze_prototypes_niters``, ``lr``, ``recipe_lr_per_256`` (the LR the
+    ``freeze_prototypes_niters``, ``lr`` (the highest LR trained with so
+    far: the schedule may have decayed by the time a collapse is seen),
+    ``recipe_lr_per_256`` (the LR the
     recipe was measured with, per 256 images; default the release's 0.3),
     ``normalize``.
 
@@ -313,8 +315,8 @@ def likely_collapse_causes(context: Mapping[str, Any]) -> List[str]:
     if lr is not None and batch:
         recipe = per_256 * int(batch) / 256.0
         if float(lr) > 2 * recipe:
-            flag = (f"LR {float(lr):.4g} is {float(lr) / recipe:.1f}x the recipe's {per_256:g} per 256 images "
-                    f"({recipe:.4g})")
+            flag = (f"peak LR {float(lr):.4g} is {float(lr) / recipe:.1f}x the recipe's {per_256:g} per 256 "
+                    f"images ({recipe:.4g})")
     add("learning rate too high (OPTIMIZER.param_schedulers.lr; the recipe's is "
         "SWAV_PLUGIN.MONITOR.COLLAPSE.RECIPE_LR_PER_256 per 256 images)", flag)
 
@@ -373,6 +375,9 @@ class PrototypeMonitorHook(_WriterMixin, NoopHook):
         self._own_writers: list = []
         self._t0 = None
         self._iters = 0
+        # the highest LR trained with so far: a collapse caused by the LR's peak
+        # (end of warmup) is seen later, when the schedule has already decayed
+        self._peak_lr: Optional[float] = None
         #: the values of the last logging iteration (for tests and the text log).
         self.last: Dict[str, float] = {}
         #: warning messages raised so far.
@@ -444,6 +449,11 @@ class PrototypeMonitorHook(_WriterMixin, NoopHook):
             return
         it = int(task.iteration)
         self._iters += 1
+        try:
+            lr = float(task.optimizer.options_view.lr)
+            self._peak_lr = lr if self._peak_lr is None else max(self._peak_lr, lr)
+        except Exception:  # noqa: BLE001 (the LR is only a hint for the warning)
+            pass
         log_now = vissl_logs_at(it, self.log_frequency)
         detect = self.detector is not None and it >= self.detector.start_iter
         if not (log_now or detect):
@@ -487,10 +497,6 @@ class PrototypeMonitorHook(_WriterMixin, NoopHook):
                 writer.add_scalar(tag, v, global_step=it)
 
     def _warn(self, task, it, used, views, loss_value, stats) -> None:
-        try:
-            lr = float(task.optimizer.options_view.lr)
-        except Exception:  # noqa: BLE001 (the LR is only a hint)
-            lr = None
         loss = _loss(task)
         context = {
             "global_batch": self.global_batch,
@@ -500,7 +506,7 @@ class PrototypeMonitorHook(_WriterMixin, NoopHook):
             "queue_length": getattr(loss, "queue_length", None),
             "epoch_queue_starts": getattr(loss, "epoch_queue_starts", None),
             "freeze_prototypes_niters": self.freeze_prototypes_niters,
-            "lr": lr,
+            "lr": self._peak_lr,
             "normalize": self._normalize,
         }
         d = self.detector

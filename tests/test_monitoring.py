@@ -249,6 +249,25 @@ def test_hook_collapse_warning_and_tags(caplog):
     assert writer.flushed >= 1
 
 
+def test_hook_lr_cause_names_the_peak_lr(caplog):
+    # a collapse caused at the LR's peak is seen iterations later, when the
+    # schedule has decayed below 2x the recipe's: the peak is what is named
+    writer = FakeWriter()
+    recipe = 0.3 * N / 256  # COLLAPSE_DEFAULTS: the release's 0.3 per 256 images
+    task, step = fake_task(writer, collapsed_case, freeze=0, batch=N, lr=10 * recipe)
+
+    def decaying_step(it):
+        step(it)
+        task.optimizer.options_view.lr = (10 if it == 0 else 0.5) * recipe
+
+    hook = PrototypeMonitorHook(collapse={"ENABLED": True, "MIN_UTILISATION_FRACTION": 0.1, "PATIENCE_ITERS": 4,
+                                          "LOSS_REL_TOLERANCE": 0.01, "START_ITER": None})
+    with caplog.at_level(logging.WARNING):
+        run_hook(hook, task, decaying_step, 6)
+    (msg,) = hook.warnings
+    assert f"[this run: peak LR {10 * recipe:.4g} is 10.0x the recipe's 0.3 per 256 images" in msg
+
+
 def test_hook_healthy_run_no_warning_and_frozen_flag(caplog):
     writer = FakeWriter()
     task, step = fake_task(writer, uniform_case, freeze=3, batch=N)

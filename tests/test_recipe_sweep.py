@@ -60,7 +60,7 @@ def test_markdown_table_names_the_collapse_and_its_cause():
     row = {"lr_factor": 4.0, "epsilon": 0.05, "batch": 256, "knn_top1": 11.3, "linear_top1": 40.2,
            "prototypes_used": 2, "num_prototypes": 100, "final_loss": 4.605, "ln_k": 4.60517,
            "collapse_warning": True, "collapse_iteration": 131,
-           "collapse_causes": ["learning rate too high (OPTIMIZER...) [this run: LR 77 is 4.0x ...]"]}
+           "collapse_causes": ["learning rate too high (OPTIMIZER...) [this run: peak LR 77 is 4.0x ...]"]}
     ok = dict(row, lr_factor=1.0, knn_top1=95.0, collapse_warning=False, collapse_causes=[])
     table = markdown_table([row, ok])
     lines = table.splitlines()

@@ -123,7 +123,8 @@ def plot_knn_curves(rows: Sequence[Mapping], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sorted({r["batch"] for r in rows})), figsize=(12, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(sorted({r["batch"] for r in rows})), figsize=(12, 4.2), squeeze=False,
+                             sharey=True)  # one scale: the batches compare
     for ax, batch in zip(axes[0], sorted({r["batch"] for r in rows})):
         for r in rows:
             if r["batch"] == batch and r["knn_curve"]:

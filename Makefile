@@ -50,7 +50,8 @@ NUMERIC_TESTS := tests/test_sinkhorn.py tests/test_swav_loss.py tests/test_swav_
 	tests/test_e2e_trainer.py tests/test_deepcluster_e2e.py tests/test_train_step.py \
 	tests/test_benchmarks.py::test_bench_loss_tiny_runs_and_implementations_agree \
 	tests/test_benchmarks.py::test_release_formulas_equal_plugin_at_recipe_shape_with_queue \
-	tests/test_benchmarks.py::test_bench_larc_tiny_runs_and_steps_agree
+	tests/test_benchmarks.py::test_bench_larc_tiny_runs_and_steps_agree \
+	tests/test_benchmarks.py::test_bench_small_run_tiny_runs_and_memory_formats_agree
 test-numerics: install
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS) $(NUMERIC_TESTS)
 

@@ -5,8 +5,8 @@
   crops of 64 images, crops of one size batched together as VISSL does):
   ``channels_last`` (the trunk's own choice) against the same module fed
   contiguous NCHW tensors with the memory-format switch bypassed
-  (``nchw``). Same values (checked: the scores agree within float32
-  rounding of the ~1e3-term convolution sums).
+  (``nchw``). Same values: the largest score difference is reported (the
+  test bounds it by the float32 rounding of the sums along the path).
 * ``loader_start``: the time until a freshly started loader worker has
   built one sample of the quickstart's dataset under VISSL's forkserver:
   ``preloaded`` (the plugin's forkserver preload,
@@ -107,10 +107,8 @@ def main(argv=None):
     machine = C.machine_info(a.threads)
     fns = trunk_case(batch)
     ref, alt = fns["channels_last"](), fns["nchw"]()
-    # scores are cosines (|s| <= 1) after ~1e3-term float32 sums in 3 stages: 1e-4 absolute
-    # is far above their rounding (~1e3 x 6e-8) and far below any real difference
+    # reported, and bounded by tests/test_benchmarks.py from the float32 sums along the path
     max_diff = float((ref - alt).abs().max())
-    assert max_diff < 1e-4, max_diff
     times = C.interleaved(fns, rounds)
     starts = 1 if a.tiny else 5
     cold, warm = loader_start("cold", starts), loader_start("preloaded", starts)

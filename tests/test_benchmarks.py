@@ -334,7 +334,14 @@ def test_bench_small_run_tiny_runs_and_memory_formats_agree(tmp_path):
     out = tmp_path / "small_run.json"
     bench_small_run.main(["--tiny", "--json", str(out)])
     res = _read(out)
-    # the two memory formats give the same scores (the script asserts the bound)
-    assert res["trunk"]["max_abs_diff"] < 1e-4
+    # The two memory formats compute the same function in other summation
+    # orders. Scores are cosines (|s| <= 1); their longest path rounds in 7
+    # convolutions (at most 9 x 128 terms each), 9 batch norms (statistics over
+    # at most 2 x 8 crops x 28 x 28 values in this tiny run), the pooling (28 x 28), 2 linear
+    # layers (128, 512 terms), the normalisation and the prototype product (64
+    # terms each); twice that for two float32 computations (tests/tolerances.py).
+    n_bn = 2 * 8 * 28 * 28
+    steps = [terms(9 * 128)] * 7 + [terms(n_bn)] * 9 + [terms(28 * 28), terms(128), terms(512), terms(64), terms(64)]
+    assert res["trunk"]["max_abs_diff"] <= 2 * rtol(*steps)
     assert set(res["trunk"]["cpu"]) == {"channels_last", "nchw"}
     assert len(res["loader_start"]["cold"]) == len(res["loader_start"]["preloaded"]) == 1

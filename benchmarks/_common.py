@@ -196,7 +196,9 @@ def write_json(path: Optional[str], result: dict) -> None:
 
 
 def command_line() -> str:
-    return " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], os.path.dirname(HERE))] + sys.argv[1:])
+    root = os.path.dirname(HERE)
+    args = [os.path.relpath(a, root) if os.path.isabs(a) and a.startswith(root + os.sep) else a for a in sys.argv[1:]]
+    return " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], root)] + args)
 
 
 def torch_profile(fn: Callable[[], object], calls: int = 5, top: int = 12, sort: str = "self_cpu_time_total") -> str:

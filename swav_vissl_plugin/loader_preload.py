@@ -7,7 +7,7 @@ that forkserver import this module first, so the workers forked from it
 already hold the plugin (its registrations, VISSL's and torch's modules) and
 the compiled colour kernel. Without it each worker imports them and loads
 the kernel anew every epoch: 3-4 s of a loader's start on 2 cores, which is
-a fifth of a quickstart epoch (docs/performance.md, "Loader workers").
+a fifth to a quarter of a quickstart epoch (docs/performance.md, "Loader workers").
 """
 
 import swav_vissl_plugin  # noqa: F401  (registrations, patches, VISSL's data modules)

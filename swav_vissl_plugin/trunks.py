@@ -87,8 +87,8 @@ class SwavPluginSmallCNN(nn.Module):
         self, x: torch.Tensor, out_feat_keys: Optional[List[str]] = None
     ) -> List[torch.Tensor]:
         # Channels-last input selects oneDNN's NHWC convolutions: forward +
-        # backward of the quickstart batch (128 x (2x28 + 4x14)) costs 0.35-0.43 s
-        # of CPU instead of 0.56-0.61 s (docs/performance.md, "Small trunk").
+        # backward of the quickstart batch (64 x (2x28 + 4x14)) costs 0.70x the
+        # CPU time of NCHW input (docs/performance.md, "Small trunk").
         x = x.contiguous(memory_format=torch.channels_last)
         return get_trunk_forward_outputs_module_list(
             x, out_feat_keys, self._feature_blocks, self.all_feat_names

@@ -36,6 +36,12 @@ Config, ``config.SWAV_PLUGIN.MONITOR.KNN`` (every key optional; defaults in
 ``VAL_LIMIT``      null       use at most this many val images (evenly spaced)
 =================  =========  =======================================================
 
+A view that upsamples the images (``RESIZE`` more than :data:`MAX_UPSAMPLING`
+times the shorter side of the smallest of a few sampled training images) is
+warned about at the start: it costs the square of the factor in compute and
+measures features of blown-up images (small images: ``RESIZE: null``,
+``CROP: null``, docs/small_data.md).
+
 The other ranks do not wait for the primary rank's evaluation: they block
 at their next collective (keep the evaluation well under the process-group
 timeout, e.g. with ``TRAIN_LIMIT``/``VAL_LIMIT`` on ImageNet).
@@ -66,6 +72,9 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.228, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# A view above 2x the images' own size is warned about (module docstring).
+MAX_UPSAMPLING = 2.0
 
 KNN_DEFAULTS: Dict[str, Any] = {
     "ENABLED": False,
@@ -223,6 +232,19 @@ class ImageListDataset(torch.utils.data.Dataset):
             left, top = int(round((w - self.crop) / 2.0)), int(round((h - self.crop) / 2.0))
             img = img.crop((left, top, left + self.crop, top + self.crop))
         return img
+
+    def upsampling(self, samples: int = 8) -> float:
+        """How many times ``resize`` enlarges the smallest shorter side among
+        ``samples`` evenly spaced images (1.0 without ``resize``)."""
+        from PIL import Image
+
+        if self.resize is None or not self.paths:
+            return 1.0
+        sides = []
+        for i in evenly_spaced(len(self.paths), samples):
+            with Image.open(self.paths[i]) as im:
+                sides.append(min(im.size))
+        return self.resize / min(sides)
 
     def __getitem__(self, i: int):
         x = torch.from_numpy(np.asarray(self.load(i), dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
@@ -397,6 +419,15 @@ class KnnMonitorHook(ClassyHook):
                 "swav_vissl_plugin kNN monitor: %d train / %d val images, %d classes, every %d epochs",
                 len(train_ds), len(val_ds), n_classes, int(self.settings["EVERY_N_EPOCHS"]),
             )
+            factor = train_ds.upsampling()
+            if factor > MAX_UPSAMPLING:
+                logging.warning(
+                    "swav_vissl_plugin kNN monitor: config.SWAV_PLUGIN.MONITOR.KNN.RESIZE=%s upsamples the "
+                    "training images (shorter side %d px) %.1fx: each evaluation costs about %.0fx the compute "
+                    "of the images at their own size and measures features of blown-up images; for small "
+                    "images set RESIZE: null and CROP: null (docs/small_data.md)",
+                    train_ds.resize, round(train_ds.resize / factor), factor, factor ** 2,
+                )
 
     def due(self, epoch: int, num_epochs: int) -> bool:
         """Whether to evaluate after training epoch ``epoch`` (0-based) of ``num_epochs``."""

@@ -41,6 +41,17 @@ def test_compose_from_several_threads_at_once():
         assert list(pool.map(batch_of, batches)) == batches
 
 
+@pytest.mark.parametrize("config", ["swav_small_images", "swav_quickstart", "deepclusterv2_quickstart",
+                                    "selav2_quickstart"])
+def test_small_image_configs_share_the_whole_image_knn_view(compose_cfg, config):
+    # one view for every small-image config (monitor/small_images_knn): images
+    # at their own size; the ImageNet rows keep resize 256 / crop 224
+    knn = compose_cfg(config=f"swav_plugin/pretrain/{config}", data=".").SWAV_PLUGIN.MONITOR.KNN
+    assert (knn.RESIZE, knn.CROP, knn.BATCH_SIZE, knn.NUM_WORKERS) == (None, None, 500, 0)
+    row = compose_cfg(config="swav_plugin/pretrain/swav_200ep", data=".").SWAV_PLUGIN.MONITOR.KNN
+    assert (row.RESIZE, row.CROP) == (256, 224)
+
+
 def test_base_config_is_the_recipe(compose_cfg):
     c = compose_cfg(config="swav_plugin/pretrain/swav_base")
     loss = c.LOSS.swav_plugin_loss

@@ -6,6 +6,7 @@ its class with exp(similarity / T), prediction = the class of largest vote.
 """
 
 import json
+import logging
 import math
 from types import SimpleNamespace
 
@@ -113,6 +114,25 @@ def test_hook_checks_folders_at_start(mnist_folder, tmp_path):
         KnnMonitorHook(knn_settings(cfg), cfg).on_start(SimpleNamespace())
     with pytest.raises(ValueError, match=r"MONITOR.KNN.VAL_PATH is required"):
         knn_settings({"SWAV_PLUGIN": {"MONITOR": {"KNN": {"ENABLED": True, "TRAIN_PATH": "x"}}}})
+
+
+@pytest.mark.parametrize("resize, crop, warned", [(256, 224, True), (56, None, False), (None, None, False)])
+def test_hook_warns_when_its_view_upsamples_the_images(mnist_folder, caplog, resize, crop, warned):
+    # 28 px digits: resize 256 is 9.1x (the ImageNet view: warned), 56 is 2x (not above the limit)
+    from swav_vissl_plugin.knn import knn_settings
+
+    cfg = {"SWAV_PLUGIN": {"MONITOR": {"KNN": {
+        "ENABLED": True, "TRAIN_PATH": str(mnist_folder["train"]), "VAL_PATH": str(mnist_folder["val"]),
+        "RESIZE": resize, "CROP": crop}}}}
+    with caplog.at_level(logging.WARNING):
+        KnnMonitorHook(knn_settings(cfg), cfg).on_start(SimpleNamespace())
+    found = [r.getMessage() for r in caplog.records if "upsamples" in r.getMessage()]
+    if warned:
+        (msg,) = found
+        assert "config.SWAV_PLUGIN.MONITOR.KNN.RESIZE=256 upsamples the training images (shorter side 28 px) 9.1x" in msg
+        assert "about 84x the compute" in msg and "RESIZE: null and CROP: null" in msg
+    else:
+        assert not found
 
 
 class FakeWriter:

@@ -227,6 +227,22 @@ def collapse_warnings(checkpoint_dir: Path) -> List[Dict[str, Any]]:
     return out
 
 
+def learning_summary(knn: Sequence[dict], log: Sequence[dict], gallery: Mapping[str, Any],
+                     warnings: Sequence[dict]) -> Dict[str, Any]:
+    """Whether a run learned, from its kNN log, training log, prototype
+    gallery and collapse warnings: the last kNN top-1, prototypes in use on
+    the held-out images, the final loss against ln K, the warnings (None
+    where a log is empty)."""
+    return {
+        "knn_top1": knn[-1]["knn_top1"] if knn else None,
+        "prototypes_used": gallery["prototypes_used"],
+        "num_prototypes": gallery["num_prototypes"],
+        "final_loss": log[-1]["loss"] if log else None,
+        "ln_k": math.log(gallery["num_prototypes"]),
+        "collapse_warnings": list(warnings),
+    }
+
+
 def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     from swav_vissl_plugin.config import describe
 
@@ -266,20 +282,14 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     print(f"[quickstart] prototype gallery: {gallery['prototypes_used']}/{gallery['num_prototypes']} prototypes "
           f"used on the held-out images, overall purity {100 * gallery['overall_purity']:.1f}%: "
           f"{gallery['png']}, {gallery['html']}", flush=True)
-    ln_k = math.log(gallery["num_prototypes"])
-    final_loss = log[-1]["loss"] if log else float("nan")
-    warnings = collapse_warnings(ckpt_dir)
-    print(f"[quickstart] final training loss {final_loss:.3f} (ln K = {ln_k:.3f}); collapse warnings: "
-          + (", ".join(f"iteration {w['iteration']}" for w in warnings) or "none"), flush=True)
+    summary = learning_summary(knn, log, gallery, collapse_warnings(ckpt_dir))
+    loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.3f}"
+    print(f"[quickstart] final training loss {loss} (ln K = {summary['ln_k']:.3f}); collapse warnings: "
+          + (", ".join(f"iteration {w['iteration']}" for w in summary["collapse_warnings"]) or "none"), flush=True)
     metrics = {
         "linear_probe_top1": results,
         "gain_points": results["pretrained"] - results["random_init"],
-        "knn_top1": knn[-1]["knn_top1"] if knn else None,
-        "prototypes_used": gallery["prototypes_used"],
-        "num_prototypes": gallery["num_prototypes"],
-        "final_loss": final_loss,
-        "ln_k": ln_k,
-        "collapse_warnings": warnings,
+        **summary,
         "seed": int(config.SEED_VALUE),
         "pretrain_seconds": pretrain_s,
         "total_seconds": time.time() - t0,

@@ -27,7 +27,6 @@ time, each with ``OMP_NUM_THREADS = cores / jobs``.
 
 import itertools
 import json
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 from swav_vissl_plugin.quickstart import (
     collapse_warnings,
+    learning_summary,
     load_split,
     pretrain,
     probe,
@@ -75,23 +75,20 @@ def point_overrides(config, point: Mapping) -> List[str]:
     return out
 
 
-def evaluate_run(config, run_dir: Path, splits: Dict[str, Path], checkpoint: Path) -> Dict[str, Any]:
-    """kNN, linear probe, prototypes in use, final loss and collapse warnings of one finished run."""
+def evaluate_run(config, run_dir: Path, splits: Dict[str, Path], data, checkpoint: Path) -> Dict[str, Any]:
+    """kNN, linear probe, prototypes in use, final loss and collapse warnings
+    of one finished run (``data``: both splits as :func:`load_split` gives)."""
     from swav_vissl_plugin.gallery import make_gallery
 
     ckpt_dir = run_dir / "checkpoints"
     knn = read_knn_log(ckpt_dir)
-    log = read_training_log(ckpt_dir)
     gallery = make_gallery(checkpoint, splits["val"], run_dir / "prototype_gallery", config=config)
-    warnings = collapse_warnings(ckpt_dir)
+    summary = learning_summary(knn, read_training_log(ckpt_dir), gallery, collapse_warnings(ckpt_dir))
+    warnings = summary.pop("collapse_warnings")
     return {
-        "knn_top1": knn[-1]["knn_top1"] if knn else None,
+        **summary,
         "knn_curve": [[r["train_phase_idx"], r["knn_top1"]] for r in knn],
-        "linear_top1": probe(config, checkpoint, {split: load_split(splits[split]) for split in ("train", "val")}),
-        "prototypes_used": gallery["prototypes_used"],
-        "num_prototypes": gallery["num_prototypes"],
-        "final_loss": log[-1]["loss"] if log else None,
-        "ln_k": math.log(gallery["num_prototypes"]),
+        "linear_top1": probe(config, checkpoint, data),
         "collapse_warning": bool(warnings),
         "collapse_iteration": warnings[0]["iteration"] if warnings else None,
         "collapse_signals": warnings[0]["signals"] if warnings else None,
@@ -166,6 +163,7 @@ def sweep(
     ]
     _, config = compose(base, dump_config=False)  # a bad override stops here, before any run
     points = grid(lr_factors, epsilons, batches)
+    data = {split: load_split(splits[split]) for split in ("train", "val")}  # once, for every run's probe
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -178,7 +176,7 @@ def sweep(
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg, seconds, ckpt = pretrain([*base, *point_overrides(config, point)], run_dir / "checkpoints",
                                       tag=f"sweep {point['name']}", env=env)
-        row = {**point, **evaluate_run(cfg, run_dir, splits, ckpt), "seconds": seconds}
+        row = {**point, **evaluate_run(cfg, run_dir, splits, data, ckpt), "seconds": seconds}
         done.write_text(json.dumps(row, indent=1))
         return row
 

@@ -38,6 +38,7 @@ BENCHMARKS = {
     "scaling": ("bench_scaling.py", []),
     "train_step": ("bench_train_step.py", ["--profile"]),
     "small_run": ("bench_small_run.py", []),
+    "knn": ("bench_knn.py", []),
 }
 TITLES = {
     "loss": "1. SwAV loss + Sinkhorn, forward + backward (B=64, 8 crops, K=3000, D=128)",
@@ -46,6 +47,7 @@ TITLES = {
     "train_step": "4. One training iteration through VISSL's trainer (2 ranks, reduced resolution)",
     "scaling": "5. Scaling of Sinkhorn and loss with B and K",
     "small_run": "6. CPU-sized runs: small trunk memory format and loader-worker start",
+    "knn": "7. kNN monitor: one evaluation per 1,000 images, at the small-image and the ImageNet view",
 }
 
 
@@ -152,7 +154,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     names = [] if args.report_only else args.only or ["loss", "larc", "transforms", "scaling", "train_step",
-                                                      "small_run"]
+                                                      "small_run", "knn"]
     results = {name: run(name, args.tiny, args.out) for name in names}
     # --only: the other benchmarks' previous results (own dates) stay in the report
     for name in BENCHMARKS:
@@ -160,7 +162,7 @@ def main(argv=None):
         if name not in results and os.path.exists(path):
             with open(path) as f:
                 results[name] = json.load(f)
-    order = ["loss", "transforms", "larc", "train_step", "scaling", "small_run"]
+    order = ["loss", "transforms", "larc", "train_step", "scaling", "small_run", "knn"]
     block = "\n".join(section(n, results[n]) for n in order if n in results)
     block = block.replace(ROOT + os.sep, "")  # paths relative to the repository (commands, profiles)
     header = (

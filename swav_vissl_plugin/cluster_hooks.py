@@ -1,6 +1,6 @@
 """Hooks that run DeepCluster-v2 and SeLa-v2 inside VISSL's trainer.
 
-Recipe (``/work/shared/recipes/model_zoo.md``, "DeepCluster-v2 and SeLa-v2
+Recipe (docs/deepcluster_sela.md, from the paper's "DeepCluster-v2 and SeLa-v2
 rows"): "Each epoch first clusters the memory bank (the embeddings of the
 crops_for_assign views from the previous epoch; filled by one pass before
 epoch 0) [...] freeze_prototypes_niters 300000 (the prototypes are the

@@ -10,7 +10,7 @@ is initialised with a world size above 1) the result on N ranks is that of
 one rank holding the concatenated bank (rank 0's rows first). Every rank must
 call them (collectives).
 
-Recipe (``/work/shared/recipes/model_zoo.md``, "DeepCluster-v2 and SeLa-v2
+Recipe (docs/deepcluster_sela.md, from the paper's "DeepCluster-v2 and SeLa-v2
 rows"): "k-means: 10 iterations, spherical (dot product), centroids
 initialised from random memory-bank rows"; "Head h clusters the memory bank
 of crop (h mod 2)"; SeLa-v2: "the k-means step is replaced by Sinkhorn-Knopp

@@ -276,6 +276,9 @@ def _infer_recipe_scaling(cfg) -> None:
 
 def _check_runtime(cfg) -> None:
     """What VISSL would reject only once processes and models exist."""
+    # a batch of 0 fails only inside the first data loader, after the model is built
+    _positive("DATA.TRAIN.BATCHSIZE_PER_REPLICA", cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA, integer=True)
+    _positive("OPTIMIZER.num_epochs", cfg.OPTIMIZER.num_epochs, integer=True)
     amp = cfg.MODEL.AMP_PARAMS
     on_cpu = cfg.MACHINE.DEVICE != "gpu"
     dtype = amp.get("DTYPE", "float16")

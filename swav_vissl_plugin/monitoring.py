@@ -45,6 +45,11 @@ ClassyHooks (added by :func:`monitoring_hooks`, which
   writes, step = epoch::
 
       Clusters/head{h}/size_min, size_median, size_max, empty
+      Clusters/head{h}/empty_epochs      epochs in a row the longest-empty
+                                         cluster has been empty (0: none is)
+
+  and logs the same as one line per head (:data:`CLUSTERS_MARK`, read back
+  by :func:`parse_cluster_log`).
 
   The loss must expose ``labels``: a ``(n_heads, N)`` (or ``(N,)``) integer
   tensor with the cluster of each dataset index for this epoch, negative
@@ -87,6 +92,7 @@ well below ``ln K``) and many prototypes in use.
 
 import logging
 import math
+import re
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -112,7 +118,11 @@ __all__ = [
     "code_entropy",
     "argmax_histogram",
     "prototype_utilisation",
+    "cluster_sizes",
     "cluster_size_stats",
+    "EmptyClusterTracker",
+    "CLUSTERS_MARK",
+    "parse_cluster_log",
     "CollapseDetector",
     "collapse_message",
     "likely_collapse_causes",
@@ -137,6 +147,9 @@ SWAV_LOSS = "swav_plugin_loss"
 #: (one cause per following line, each starting with "  - ")
 COLLAPSE_MARK = "SwAV looks collapsed:"
 LIKELY_CAUSES = "Likely causes:"
+#: how each per-epoch cluster line of :class:`ClusterStatsHook` starts in the
+#: log (:func:`parse_cluster_log` reads them back)
+CLUSTERS_MARK = "swav_vissl_plugin clusters:"
 PROTOTYPE_HEAD = "swav_plugin_head"
 
 
@@ -163,12 +176,10 @@ def prototype_utilisation(scores: Tensor) -> int:
     return int((argmax_histogram(scores) > 0).sum())
 
 
-def cluster_size_stats(labels: Tensor, num_clusters: Optional[int] = None) -> Dict[str, float]:
-    """Sizes of the clusters ``0..num_clusters-1`` in ``labels`` (any shape,
-    integers; negative = unassigned, not counted): ``min``, ``median`` (the
-    mean of the two middle sizes for an even count), ``max``, ``empty``
-    (clusters of size 0) and ``assigned`` (labels >= 0). ``num_clusters``
-    defaults to ``max(labels) + 1``."""
+def cluster_sizes(labels: Tensor, num_clusters: Optional[int] = None) -> Tensor:
+    """``(num_clusters,)`` float64 sizes of the clusters ``0..num_clusters-1``
+    in ``labels`` (any shape, integers; negative = unassigned, not
+    counted). ``num_clusters`` defaults to ``max(labels) + 1``."""
     flat = labels.reshape(-1).long()
     flat = flat[flat >= 0].cpu()
     if num_clusters is None:
@@ -177,17 +188,77 @@ def cluster_size_stats(labels: Tensor, num_clusters: Optional[int] = None) -> Di
         raise ValueError("no clusters: give num_clusters or at least one non-negative label")
     if flat.numel() and int(flat.max()) >= num_clusters:
         raise ValueError(f"label {int(flat.max())} >= num_clusters={num_clusters}")
-    sizes = torch.bincount(flat, minlength=num_clusters).double()
+    return torch.bincount(flat, minlength=num_clusters).double()
+
+
+def cluster_size_stats(labels: Tensor, num_clusters: Optional[int] = None) -> Dict[str, float]:
+    """Sizes of the clusters of ``labels`` (as :func:`cluster_sizes`):
+    ``min``, ``median`` (the mean of the two middle sizes for an even
+    count), ``max``, ``empty`` (clusters of size 0) and ``assigned``
+    (labels >= 0)."""
+    sizes = cluster_sizes(labels, num_clusters)
+    k = int(sizes.numel())
     ordered = sizes.sort().values
-    mid = num_clusters // 2
-    median = float(ordered[mid]) if num_clusters % 2 else float((ordered[mid - 1] + ordered[mid]) / 2)
+    mid = k // 2
+    median = float(ordered[mid]) if k % 2 else float((ordered[mid - 1] + ordered[mid]) / 2)
     return {
         "min": float(ordered[0]),
         "median": median,
         "max": float(ordered[-1]),
         "empty": int((sizes == 0).sum()),
-        "assigned": int(flat.numel()),
+        "assigned": int(sizes.sum()),
     }
+
+
+class EmptyClusterTracker:
+    """How many epochs in a row each cluster has been empty.
+
+    :meth:`update` takes one epoch's cluster sizes per head (as
+    :func:`cluster_sizes`) and returns, per head, the longest current run
+    (``empty_epochs``: epochs in a row that some cluster has been empty, 0
+    when none is) and the longest run so far (``empty_epochs_max``). A
+    cluster empty in one epoch's labels that is used again in the next is a
+    run of 1; DeepCluster-v2's k-means keeps an empty cluster's centroid,
+    so a cluster can stay empty for good, which the runs show.
+    """
+
+    def __init__(self) -> None:
+        self._runs: List[Tensor] = []
+        self._max: List[int] = []
+
+    def update(self, sizes_per_head: Sequence[Tensor]) -> List[Dict[str, int]]:
+        if len(self._runs) != len(sizes_per_head) or any(
+            r.numel() != s.numel() for r, s in zip(self._runs, sizes_per_head)
+        ):
+            self._runs = [torch.zeros(s.numel(), dtype=torch.long) for s in sizes_per_head]
+            self._max = [0] * len(sizes_per_head)
+        out = []
+        for h, sizes in enumerate(sizes_per_head):
+            run = torch.where(sizes.reshape(-1).cpu() == 0, self._runs[h] + 1, torch.zeros_like(self._runs[h]))
+            self._runs[h] = run
+            longest = int(run.max()) if run.numel() else 0
+            self._max[h] = max(self._max[h], longest)
+            out.append({"empty_epochs": longest, "empty_epochs_max": self._max[h]})
+        return out
+
+
+def parse_cluster_log(text: str) -> List[Dict[str, Any]]:
+    """The per-epoch cluster lines of a run's ``log.txt`` (as
+    :class:`ClusterStatsHook` writes them), one dict per line: ``epoch``,
+    ``head``, ``min``, ``median``, ``max``, ``empty``, ``empty_epochs``
+    (None for lines without it)."""
+    pattern = re.compile(
+        re.escape(CLUSTERS_MARK) + r" epoch (\d+) head (\d+): size min (\S+) median (\S+) max (\S+), "
+        r"(\d+) empty(?:, longest for (\d+) epochs in a row)?"
+    )
+    rows = []
+    for m in pattern.finditer(text):
+        rows.append({
+            "epoch": int(m.group(1)), "head": int(m.group(2)), "min": float(m.group(3)),
+            "median": float(m.group(4)), "max": float(m.group(5)), "empty": int(m.group(6)),
+            "empty_epochs": None if m.group(7) is None else int(m.group(7)),
+        })
+    return rows
 
 
 # ------------------------------------------------------------------ collapse
@@ -536,6 +607,7 @@ class ClusterStatsHook(_WriterMixin, NoopHook):
         self._pending = False
         #: epoch -> list of per-head stats, as logged.
         self.history: Dict[int, List[Dict[str, float]]] = {}
+        self._empty = EmptyClusterTracker()
 
     def on_phase_start(self, task) -> None:
         self._pending = bool(task.train)
@@ -551,21 +623,25 @@ class ClusterStatsHook(_WriterMixin, NoopHook):
         table = labels if labels.dim() == 2 else labels.reshape(1, -1)
         ks = getattr(loss, "nmb_prototypes", None)
         epoch = int(task.train_phase_idx)
-        per_head = []
+        per_head, sizes = [], []
         for h in range(table.shape[0]):
             k = int(ks[h]) if ks is not None and h < len(ks) else None
+            sizes.append(cluster_sizes(table[h], k))
             per_head.append(cluster_size_stats(table[h], k))
+        for st, runs in zip(per_head, self._empty.update(sizes)):
+            st.update(runs)
         self.history[epoch] = per_head
         writer = self._writer_for(task)
         for h, st in enumerate(per_head):
             logging.info(
-                "swav_vissl_plugin clusters: epoch %d head %d: size min %g median %g max %g, %d empty",
-                epoch, h, st["min"], st["median"], st["max"], st["empty"],
+                "%s epoch %d head %d: size min %g median %g max %g, %d empty, longest for %d epochs in a row",
+                CLUSTERS_MARK, epoch, h, st["min"], st["median"], st["max"], st["empty"], st["empty_epochs"],
             )
             if writer is not None:
                 for name in ("min", "median", "max"):
                     writer.add_scalar(f"Clusters/head{h}/size_{name}", st[name], global_step=epoch)
                 writer.add_scalar(f"Clusters/head{h}/empty", st["empty"], global_step=epoch)
+                writer.add_scalar(f"Clusters/head{h}/empty_epochs", st["empty_epochs"], global_step=epoch)
 
     def on_end(self, task) -> None:
         if self._writer not in (False, None):

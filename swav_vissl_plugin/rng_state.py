@@ -7,7 +7,7 @@ from (torch's CPU generator, the current CUDA device's generator when CUDA
 is in use, NumPy's legacy global ``RandomState``, Python's ``random``) as a
 dict of tensors, ints, floats, ``None`` and tuples only, so that a checkpoint
 holding it still loads with ``torch.load(weights_only=True)``
-(``/tmp/brief/schema.md``: ``checkpoint["swav_plugin"]["rng"][rank]``).
+(``checkpoint["swav_plugin"]["rng"][rank]``, docs/checkpointing.md).
 :func:`restore` puts such a dict back.
 
 Why

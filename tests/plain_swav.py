@@ -158,7 +158,12 @@ class SwAVNet(nn.Module):
         self.prototypes = nn.Linear(dim, k, bias=False)
 
     def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Scores ``(sum of crop batches, K)``, crops of one size batched together."""
+        """Scores ``(sum of crop batches, K)``."""
+        return self.prototypes(self.embed(crops))
+
+    def embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L2-normalised embeddings ``(sum of crop batches, dim)``, crops in
+        order, crops of one size batched together."""
         feats, start = [], 0
         while start < len(crops):
             end = start
@@ -167,8 +172,7 @@ class SwAVNet(nn.Module):
             x = torch.cat(crops[start:end]).contiguous(memory_format=torch.channels_last)
             feats.append(self.trunk(x))
             start = end
-        z = F.normalize(self.head(torch.cat(feats)), dim=1)
-        return self.prototypes(z)
+        return F.normalize(self.head(torch.cat(feats)), dim=1)
 
 
 # ------------------------------------------------------------------ SwAV
@@ -219,6 +223,15 @@ def larc_(params: Sequence[nn.Parameter], weight_decay: float, trust: float = 0.
             p.grad.add_(p, alpha=weight_decay).mul_(ratio)
 
 
+def larc_sgd_step(opt: torch.optim.Optimizer, params: Sequence[nn.Parameter], r: Dict[str, object], it: int,
+                  iters_per_epoch: int) -> None:
+    """LARC on the gradients, then momentum SGD at the schedule's LR of step ``it``."""
+    larc_(params, float(r["weight_decay"]))
+    for g in opt.param_groups:
+        g["lr"] = lr_at(it, iters_per_epoch, r)
+    opt.step()
+
+
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -245,21 +258,59 @@ def linear_top1(train_f, train_y, val_f, val_y) -> float:
 
 
 # ------------------------------------------------------------------ training
-def train(train_dir: Path, val_dir: Path, recipe: Dict[str, object], seed: int = 0,
-          workers: int = 1, log=print) -> Dict[str, object]:
-    r = {**RECIPE, **recipe}
+def prepare(train_dir: Path, val_dir: Path, r: Dict[str, object], seed: int, workers: int,
+            dataset=MultiCropSet) -> Dict[str, object]:
+    """Seeds, both folders (whole images for the evaluation) and the
+    multi-crop loader over ``dataset(train images, crop pipelines)``."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     t0 = time.time()
     train_imgs, train_y = read_folder(train_dir)
     val_imgs, val_y = read_folder(val_dir)
-    train_x, val_x = whole_images(train_imgs), whole_images(val_imgs)
     loader = torch.utils.data.DataLoader(
-        MultiCropSet(train_imgs, crop_pipelines(r)), batch_size=int(r["batch_size"]), shuffle=True,
+        dataset(train_imgs, crop_pipelines(r)), batch_size=int(r["batch_size"]), shuffle=True,
         drop_last=True, num_workers=workers, worker_init_fn=seed_worker, persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
+    return {"t0": t0, "loader": loader, "n_train": len(train_imgs), "train_x": whole_images(train_imgs),
+            "train_y": train_y, "val_x": whole_images(val_imgs), "val_y": val_y}
+
+
+def end_epoch(trunk: nn.Module, data: Dict[str, object], history: List[dict], log, **row) -> None:
+    """Append the epoch's row (``row`` + kNN top-1 + seconds so far) and log it."""
+    row["knn_top1"] = knn_top1(features(trunk, data["train_x"]), data["train_y"],
+                               features(trunk, data["val_x"]), data["val_y"])
+    row["seconds"] = time.time() - data["t0"]
+    history.append(row)
+    log(json.dumps(row))
+
+
+def finish(model: nn.Module, prototypes: torch.Tensor, data: Dict[str, object], history: List[dict],
+           r: Dict[str, object]) -> Dict[str, object]:
+    """kNN and linear top-1 of the final trunk, and the prototypes (rows of
+    ``prototypes``, unit norm) that are the argmax of >= 1 held-out image."""
+    f_train, f_val = features(model.trunk, data["train_x"]), features(model.trunk, data["val_x"])
+    with torch.no_grad():
+        model.eval()
+        z = F.normalize(model.head(f_val), dim=1)
+        used = int(torch.unique((z @ prototypes.t()).argmax(1)).numel())
+    return {
+        "knn_top1": knn_top1(f_train, data["train_y"], f_val, data["val_y"]),
+        "linear_top1": linear_top1(f_train, data["train_y"], f_val, data["val_y"]),
+        "prototypes_used": used,
+        "final_loss": history[-1]["last_loss"],
+        "seconds": time.time() - data["t0"],
+        "history": history,
+        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()},
+    }
+
+
+def train(train_dir: Path, val_dir: Path, recipe: Dict[str, object], seed: int = 0,
+          workers: int = 1, log=print) -> Dict[str, object]:
+    r = {**RECIPE, **recipe}
+    data = prepare(train_dir, val_dir, r, seed, workers)
+    loader = data["loader"]
     model = SwAVNet(r["widths"], int(r["hidden_mlp"]), int(r["feat_dim"]), int(r["nmb_prototypes"]))
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
     params = list(model.parameters())
@@ -279,52 +330,39 @@ def train(train_dir: Path, val_dir: Path, recipe: Dict[str, object], seed: int =
             loss.backward()
             if it < int(r["freeze_prototypes_niters"]):
                 model.prototypes.weight.grad = None
-            larc_(params, float(r["weight_decay"]))
-            for g in opt.param_groups:
-                g["lr"] = lr_at(it, ipe, r)
-            opt.step()
+            larc_sgd_step(opt, params, r, it, ipe)
             losses.append(loss.item())
             it += 1
-        knn = knn_top1(features(model.trunk, train_x), train_y, features(model.trunk, val_x), val_y)
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "last_loss": losses[-1],
-               "ln_k": log_k, "knn_top1": knn, "seconds": time.time() - t0}
-        history.append(row)
-        log(json.dumps(row))
-    f_train, f_val = features(model.trunk, train_x), features(model.trunk, val_x)
-    with torch.no_grad():
-        model.eval()
-        z = F.normalize(model.head(f_val), dim=1)
-        used = int(torch.unique((z @ F.normalize(model.prototypes.weight, dim=1).t()).argmax(1)).numel())
-    return {
-        "knn_top1": knn_top1(f_train, train_y, f_val, val_y),
-        "linear_top1": linear_top1(f_train, train_y, f_val, val_y),
-        "prototypes_used": used,
-        "final_loss": history[-1]["last_loss"],
-        "seconds": time.time() - t0,
-        "history": history,
-        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()},
-    }
+        end_epoch(model.trunk, data, history, log, epoch=epoch, loss=float(np.mean(losses)),
+                  last_loss=losses[-1], ln_k=log_k)
+    return finish(model, F.normalize(model.prototypes.weight.detach(), dim=1), data, history, r)
 
 
-def main(argv: Sequence[str] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_cli(argv: Sequence[str], doc: str, recipe_defaults: Dict[str, object], train_fn) -> int:
+    """A plain loop's command line: folders, seed, workers, ``--set KEY=JSON``
+    overrides of ``recipe_defaults``; prints the result without its history."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, type=Path)
     p.add_argument("--val", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override a recipe value, e.g. --set epsilon=0.05 --set size_crops=[28,14]")
+                   help="override a recipe value, e.g. --set epochs=12 --set size_crops=[28,14]")
     a = p.parse_args(argv)
     recipe = {}
     for item in a.set:
         key, value = item.split("=", 1)
-        if key not in RECIPE:
-            p.error(f"unknown recipe key {key!r}; known: {', '.join(RECIPE)}")
+        if key not in recipe_defaults:
+            p.error(f"unknown recipe key {key!r}; known: {', '.join(recipe_defaults)}")
         value = json.loads(value)
         recipe[key] = tuple(value) if isinstance(value, list) else value
-    result = train(a.train, a.val, recipe, a.seed, a.workers)
+    result = train_fn(a.train, a.val, recipe, a.seed, a.workers)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
     return 0
+
+
+def main(argv: Sequence[str] = None) -> int:
+    return run_cli(argv, __doc__, RECIPE, train)
 
 
 if __name__ == "__main__":

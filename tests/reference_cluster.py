@@ -1,7 +1,7 @@
 """Plain references of DeepCluster-v2 / SeLa-v2, for the tests.
 
-Written from the recipe text (``/work/shared/recipes/model_zoo.md``,
-"DeepCluster-v2 and SeLa-v2 rows") and the issue; it does NOT import the
+Written from the recipe text (docs/deepcluster_sela.md, from the model
+zoo's "DeepCluster-v2 and SeLa-v2 rows"); it does NOT import the
 plugin. Float64, a Python loop over clusters and over samples where that is
 the plainest reading. Slow on purpose: clarity over speed.
 """

@@ -345,3 +345,16 @@ def test_bench_small_run_tiny_runs_and_memory_formats_agree(tmp_path):
     assert res["trunk"]["max_abs_diff"] <= 2 * rtol(*steps)
     assert set(res["trunk"]["cpu"]) == {"channels_last", "nchw"}
     assert len(res["loader_start"]["cold"]) == len(res["loader_start"]["preloaded"]) == 1
+
+
+def test_bench_knn_tiny_runs_at_both_views(tmp_path):
+    import bench_knn
+
+    out = tmp_path / "knn.json"
+    bench_knn.main(["--tiny", "--json", str(out)])
+    res = _read(out)
+    assert res["images"] == res["train_images"] + res["val_images"] == 100
+    assert set(res["seconds_per_1000"]["cpu"]) == {"small_images", "imagenet"}
+    # the quickstart's digits are 28 px: resizing the shorter side to 256 is 256 / 28
+    assert res["upsampling_imagenet_view"] == pytest.approx(256 / 28)
+    assert "per 1,000 images" in bench_knn.report(res)

@@ -41,8 +41,8 @@ def test_compose_from_several_threads_at_once():
         assert list(pool.map(batch_of, batches)) == batches
 
 
-@pytest.mark.parametrize("config", ["swav_small_images", "swav_quickstart", "deepclusterv2_quickstart",
-                                    "selav2_quickstart"])
+@pytest.mark.parametrize("config", ["swav_small_images", "swav_quickstart", "deepclusterv2_small_images",
+                                    "deepclusterv2_quickstart", "selav2_small_images", "selav2_quickstart"])
 def test_small_image_configs_share_the_whole_image_knn_view(compose_cfg, config):
     # one view for every small-image config (monitor/small_images_knn): images
     # at their own size; the ImageNet rows keep resize 256 / crop 224
@@ -122,6 +122,8 @@ def test_linear_lr_scaling(compose_cfg):
         ([f"{MC}.name=SwavMultiCrop"], "DATA.TRAIN.TRANSFORMS[0].name"),
         (["config.DATA.TRAIN.COLLATE_FUNCTION=swav_collator"], "DATA.TRAIN.COLLATE_FUNCTION"),
         (["config.OPTIMIZER.param_schedulers.lr.warmup_epochs=36"], "OPTIMIZER.param_schedulers.lr.warmup_epochs"),
+        (["config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=0"], "DATA.TRAIN.BATCHSIZE_PER_REPLICA"),
+        (["config.OPTIMIZER.num_epochs=0"], "OPTIMIZER.num_epochs"),
         (
             ["config.SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS=-1"],
             "SWAV_PLUGIN.CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS",

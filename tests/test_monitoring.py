@@ -18,12 +18,14 @@ import torch
 from swav_vissl_plugin.monitoring import (
     ClusterStatsHook,
     CollapseDetector,
+    EmptyClusterTracker,
     PrototypeMonitorHook,
     argmax_histogram,
     code_entropy,
     cluster_size_stats,
     likely_collapse_causes,
     monitoring_hooks,
+    parse_cluster_log,
     prototype_utilisation,
 )
 from tolerances import rtol, terms
@@ -307,6 +309,42 @@ def test_cluster_stats_hook_reads_loss_labels():
     assert s["Clusters/head0/size_min"] == [(1, 0.0)] and s["Clusters/head0/size_median"] == [(1, 1.0)]
     assert s["Clusters/head0/size_max"] == [(1, 3.0)] and s["Clusters/head0/empty"] == [(1, 2.0)]
     assert s["Clusters/head1/size_min"] == [(1, 2.0)] and s["Clusters/head1/empty"] == [(1, 0.0)]
+
+
+def test_empty_cluster_tracker_counts_epochs_in_a_row():
+    t = EmptyClusterTracker()
+    sizes = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    # head 0, 3 clusters: cluster 1 empty at epochs 0-1 (2 in a row), then
+    # cluster 2 at epoch 2, cluster 0 at epoch 3; head 1 never empty
+    seq = [sizes(1, 0, 2), sizes(0, 0, 3), sizes(1, 2, 0), sizes(0, 1, 1)]
+    got = [t.update([s, sizes(2, 2)]) for s in seq]
+    assert [g[0]["empty_epochs"] for g in got] == [1, 2, 1, 1]
+    assert [g[0]["empty_epochs_max"] for g in got] == [1, 2, 2, 2]
+    assert all(g[1] == {"empty_epochs": 0, "empty_epochs_max": 0} for g in got)
+    # another number of heads or clusters (another run's table): starts over
+    assert t.update([sizes(0, 1)]) == [{"empty_epochs": 1, "empty_epochs_max": 1}]
+
+
+def test_cluster_hook_logs_lines_that_parse_back(caplog):
+    loss = SimpleNamespace(labels=None, nmb_prototypes=[3])
+    task = SimpleNamespace(train=True, train_phase_idx=0, hooks=[], base_loss=loss, loss=loss, config={})
+    hook = ClusterStatsHook()
+    tables = [[0, 0, 2, 2], [0, 0, 0, 2], [0, 1, 1, 2]]  # cluster 1 empty at epochs 0 and 1
+    with caplog.at_level(logging.INFO):
+        for epoch, row in enumerate(tables):
+            loss.labels = torch.tensor([row])
+            task.train_phase_idx = epoch
+            hook.on_phase_start(task)
+            hook.on_step(task)
+    rows = parse_cluster_log(caplog.text)
+    assert [(r["epoch"], r["head"], r["empty"], r["empty_epochs"]) for r in rows] == [
+        (0, 0, 1, 1), (1, 0, 1, 2), (2, 0, 0, 0)]
+    assert rows[1]["min"] == 0.0 and rows[1]["median"] == 1.0 and rows[1]["max"] == 3.0
+    assert hook.history[1][0]["empty_epochs_max"] == 2
+    # a line of an older log, without the runs, still parses
+    old = "swav_vissl_plugin clusters: epoch 4 head 2: size min 13 median 38 max 84, 0 empty"
+    assert parse_cluster_log(old) == [{"epoch": 4, "head": 2, "min": 13.0, "median": 38.0, "max": 84.0,
+                                       "empty": 0, "empty_epochs": None}]
 
 
 def test_hooks_from_config_defaults_and_errors(compose_cfg):

@@ -1,7 +1,7 @@
 """DeepCluster-v2 and SeLa-v2 losses for VISSL, registered as
 ``deepclusterv2_plugin_loss`` and ``selav2_plugin_loss``.
 
-Recipe (``/work/shared/recipes/model_zoo.md``, "DeepCluster-v2 and SeLa-v2
+Recipe (docs/deepcluster_sela.md, from the paper's "DeepCluster-v2 and SeLa-v2
 rows"): "Each epoch first clusters the memory bank (the embeddings of the
 crops_for_assign views from the previous epoch; filled by one pass before
 epoch 0), then trains with cross-entropy between every crop's prototype

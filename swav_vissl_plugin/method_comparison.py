@@ -12,14 +12,13 @@ shows the table of the small-image recipes.
 """
 
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from swav_vissl_plugin.quickstart import METHODS, prepare_image_folder, quickstart_overrides
+from swav_vissl_plugin.quickstart import METHODS, parallel_env, prepare_image_folder, quickstart_overrides
 
 #: the quality bar of each method's quickstart on the held-out images, on the
 #: worst of its seeds (README, "Three methods side by side"): linear-probe and
@@ -144,8 +143,7 @@ def compare(output_dir: Path, methods: Sequence[str] = tuple(METHODS), seeds: Se
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     jobs = max(1, int(jobs))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if jobs > 1 else dict(os.environ)
+    env, threads = parallel_env(jobs)
     plan = [(m, int(s)) for m in methods for s in seeds]
     # Written once here, where every run finds it (each run's data folder is
     # its output's parent's quickstart-data), before runs start side by side.

